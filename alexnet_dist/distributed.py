@@ -1,0 +1,128 @@
+"""Finding this process's rank under every supported launcher, and starting torch.distributed.
+
+Sources, first match wins:
+
+* ``RANK``/``WORLD_SIZE`` (DeepSpeed's launcher, torchrun, ``deepspeed --launcher ...``);
+* SLURM's ``SLURM_PROCID``/``SLURM_NTASKS`` (``srun`` in ``launch/slurm.sbatch``);
+* MPI (``mpirun -n N python train.py``): ranks from mpi4py, rank 0's address and a
+  free port broadcast over MPI;
+* nothing: one process holding both towers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["LaunchInfo", "discover", "init_distributed", "rank0", "is_rank0", "free_port"]
+
+MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID")
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master(nodelist: str) -> str:
+    """First host of a SLURM node list ("n[01-04],m1" -> "n01")."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        head = nodelist.split(",")[0]
+        if "[" not in head:
+            return head
+        prefix, rng = head.split("[", 1)
+        return prefix + rng.rstrip("]").split(",")[0].split("-")[0]
+
+
+def _from_mpi() -> LaunchInfo:
+    from mpi4py import MPI  # imported only under mpirun: it initialises MPI
+
+    comm = MPI.COMM_WORLD
+    addr, port = (socket.gethostname(), free_port()) if comm.Get_rank() == 0 else (None, None)
+    addr, port = comm.bcast((addr, port), root=0)
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    return LaunchInfo(comm.Get_rank(), comm.Get_size(), local, addr, port, "mpi")
+
+
+def discover() -> LaunchInfo:
+    """Where this process stands, from the launcher's environment."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchInfo(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "env",
+        )
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        return LaunchInfo(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            env.get("MASTER_ADDR") or _slurm_master(env["SLURM_JOB_NODELIST"]),
+            int(env.get("MASTER_PORT", 29500)),
+            "slurm",
+        )
+    if any(v in env for v in MPI_RANK_VARS):
+        return _from_mpi()
+    return LaunchInfo(0, 1, 0, "127.0.0.1", 0, "single")
+
+
+def init_distributed(info: LaunchInfo, timeout_s: float = 300.0) -> torch.device:
+    """Start the default process group (gloo on CPU, NCCL on GPUs); return this rank's device.
+
+    ``timeout_s`` bounds every collective, so a dead rank makes the others fail
+    instead of waiting for ever.
+    """
+    if torch.cuda.is_available():
+        device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if info.world_size == 1:
+        store = dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    else:
+        os.environ.update(
+            MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port),
+            RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
+        )
+        dist.init_process_group(
+            backend, init_method=f"tcp://{info.master_addr}:{info.master_port}",
+            rank=info.rank, world_size=info.world_size, timeout=timeout,
+        )
+    return device
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def rank0(fn, *args, **kwargs):
+    """Run a side effect (files, printing) on global rank 0 only; other ranks get ``None``."""
+    return fn(*args, **kwargs) if is_rank0() else None

@@ -1,0 +1,182 @@
+"""Every collective of the system, in three layers (after Megatron's ``mappings.py``).
+
+1. Private primitives (``_all_gather``, ``_reduce_scatter``, ``_split``): one collective
+   each, allocated on the input's device, skipped when the group has one member, and
+   counted in :data:`EXCHANGE_COUNTER` (bytes this rank sends to its partner towers).
+2. Autograd Functions named for their direction, e.g. ``_AllGatherForwardReduceScatterBackward``.
+3. Public wrappers that the model, the input pipeline and the evaluation call.
+
+The backward rule (DESIGN.md): when every tower applies its *own* weights to the
+gathered tensor, each tower's slice of that tensor influences the loss through every
+tower, so its gradient is the *sum* over towers of their gradients for that slice:
+forward all-gather, backward reduce-scatter. A plain split there silently drops
+half of the gradient. When the gathered tensor feeds a computation that every rank
+repeats identically (the loss over the gathered logits), each rank already holds the
+whole gradient: forward all-gather, backward split.
+
+A group of one member (or ``None``, outside torch.distributed) means the caller
+holds every tower: the collective is skipped and nothing is sent.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "EXCHANGE_COUNTER",
+    "ExchangeCounter",
+    "all_reduce_sum",
+    "gather_batch",
+    "gather_from_towers",
+    "gather_logits",
+]
+
+
+class ExchangeCounter:
+    """Bytes this rank has sent to its partner towers, per exchange name.
+
+    Counted from the tensors actually handed to the collectives, so the benchmark's
+    ``exchange_bytes_per_image`` is a measurement, not a formula.
+    """
+
+    def __init__(self) -> None:
+        self.bytes_sent: dict[str, int] = defaultdict(int)
+
+    def add(self, name: str, nbytes: int) -> None:
+        self.bytes_sent[name] += nbytes
+
+    def reset(self) -> None:
+        self.bytes_sent.clear()
+
+    def total(self) -> int:
+        return sum(self.bytes_sent.values())
+
+
+EXCHANGE_COUNTER = ExchangeCounter()
+
+
+# ---------------------------------------------------------------- 1. primitives
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _all_gather(x: Tensor, group: dist.ProcessGroup | None, dim: int, name: str) -> Tensor:
+    """Concatenate every group member's ``x`` along ``dim``, in group-rank order."""
+    size = _group_size(group)
+    if size == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x, group=group)
+    EXCHANGE_COUNTER.add(name, _nbytes(x) * (size - 1))
+    return torch.cat(parts, dim)
+
+
+def _reduce_scatter(x: Tensor, group: dist.ProcessGroup | None, dim: int, name: str) -> Tensor:
+    """Sum ``x`` over the group and keep this rank's equal slice along ``dim``."""
+    size = _group_size(group)
+    if size == 1:
+        return x
+    chunks = [c.contiguous() for c in x.chunk(size, dim)]
+    mine = dist.get_rank(group)
+    out = torch.empty_like(chunks[mine])
+    dist.reduce_scatter(out, chunks, group=group)
+    EXCHANGE_COUNTER.add(name, sum(_nbytes(c) for i, c in enumerate(chunks) if i != mine))
+    return out
+
+
+def _split(x: Tensor, group: dist.ProcessGroup | None, dim: int) -> Tensor:
+    """This rank's equal slice of ``x`` along ``dim``; no communication."""
+    size = _group_size(group)
+    if size == 1:
+        return x
+    return x.chunk(size, dim)[dist.get_rank(group)].contiguous()
+
+
+# ---------------------------------------------------------------- 2. autograd Functions
+
+
+class _AllGatherForwardReduceScatterBackward(torch.autograd.Function):
+    """Forward: all-gather along ``dim``. Backward: reduce-scatter (sum) along ``dim``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group, dim: int, name: str) -> Tensor:
+        ctx.group, ctx.dim, ctx.name = group, dim, name
+        return _all_gather(x, group, dim, name)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _reduce_scatter(grad, ctx.group, ctx.dim, ctx.name + ".grad"), None, None, None
+
+
+class _AllGatherForwardSplitBackward(torch.autograd.Function):
+    """Forward: all-gather along ``dim``. Backward: keep own slice (no communication)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group, dim: int, name: str) -> Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim, name)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _split(grad, ctx.group, ctx.dim), None, None, None
+
+
+# ---------------------------------------------------------------- 3. public wrappers
+
+
+def gather_from_towers(
+    local: Sequence[Tensor], group: dist.ProcessGroup | None, name: str, dim: int = 1
+) -> Tensor:
+    """Every tower's activation, concatenated along ``dim`` in tower order.
+
+    ``local`` holds this rank's towers' tensors (one, or both in the single-process
+    reference). The result feeds layers with per-tower weights, hence the
+    reduce-scatter backward.
+    """
+    x = local[0] if len(local) == 1 else torch.cat(list(local), dim)
+    return _AllGatherForwardReduceScatterBackward.apply(x, group, dim, name)
+
+
+def gather_logits(
+    local: Sequence[Tensor], group: dist.ProcessGroup | None, sizes: Sequence[int]
+) -> Tensor:
+    """The full N x num_classes logits from every tower's class slice.
+
+    Tower t owns ``sizes[t]`` classes; slices are padded to the largest so that the
+    all-gather moves equal tensors, then trimmed. Every rank then computes the same
+    loss, so the backward only keeps this rank's slice.
+    """
+    if len(local) == len(sizes):
+        return torch.cat(list(local), 1)
+    width = max(sizes)
+    (mine,) = local
+    padded = torch.nn.functional.pad(mine, (0, width - mine.shape[1]))
+    gathered = _AllGatherForwardSplitBackward.apply(padded, group, 1, "logits")
+    slices = gathered.split(width, 1)
+    return torch.cat([s[:, :n] for s, n in zip(slices, sizes)], 1)
+
+
+@torch.no_grad()
+def gather_batch(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Concatenate the group's batches along dim 0 (a decoded input batch; no autograd)."""
+    return _all_gather(x, group, 0, "input")
+
+
+@torch.no_grad()
+def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Sum ``x`` over the group in place and return it (evaluation counts)."""
+    if _group_size(group) > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x

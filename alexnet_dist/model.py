@@ -1,0 +1,242 @@
+"""The two-tower AlexNet of Krizhevsky, Sutskever & Hinton, "ImageNet Classification
+with Deep Convolutional Neural Networks", NIPS 2012 (section 3 and figure 2).
+
+Each tower is one :class:`Tower`: a ``features`` and a ``classifier`` ``nn.Sequential``
+as in torchvision's ``alexnet.py``, with :class:`CrossTower` markers where the paper's
+towers read each other (the inputs of conv3, fc6, fc7 and fc8). :class:`AlexNet` runs
+the towers it holds in lockstep and performs each exchange through
+:mod:`alexnet_dist.exchanges`: with both towers in one process (the single-device
+reference) an exchange is a concatenation; with one tower per rank it is an
+all-gather over the pair, whose backward is a reduce-scatter. Same code path, so the
+distributed network is exactly the single-device one.
+
+Where we differ from the paper:
+
+* conv1 uses padding 2 so that 224x224 inputs give 55x55 maps (the paper's 224 vs 227
+  inconsistency); an adaptive 6x6 average pool before fc6 (identity at 224, as in
+  torchvision) lets tests use small images.
+* Dropout draws its masks from a generator reseeded per step from (seed, replica,
+  tower, step), so masks differ between towers and replicas yet a run is reproducible,
+  and the single-process reference draws the same masks as replica 0 of a cluster.
+* An optional ``kaiming`` initialisation beside the paper's N(0, 0.01).
+* ``num_classes`` may be odd: tower 0 owns the larger half of fc8.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alexnet_dist.exchanges import gather_from_towers, gather_logits
+from alexnet_dist.topology import NUM_TOWERS
+
+__all__ = ["AlexNet", "CrossTower", "LocalResponseNorm", "Tower", "TowerDropout", "class_split"]
+
+# Per-tower widths at width_mult=1 (the paper's figure 2).
+CONV_WIDTHS = (48, 128, 192, 192, 128)
+FC_WIDTH = 2048
+POOLED = 6  # spatial size before fc6
+
+
+class LocalResponseNorm(nn.Module):
+    """The paper's LRN over channels (section 3.3).
+
+    b_i = a_i / (k + alpha * sum_j a_j^2)^beta, j from max(0, i - size//2) to
+    min(N-1, i + size//2). Unlike ``torch.nn.LocalResponseNorm``, alpha is not divided
+    by ``size``.
+    """
+
+    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        half = self.size // 2
+        window = 2 * half + 1
+        # Sum of squares over the channel window: an average pool over a dummy depth
+        # axis, zero-padded at the channel ends, times the window length.
+        sq = F.pad(x.square().unsqueeze(1), (0, 0, 0, 0, half, half))  # N x 1 x C+2h x H x W
+        summed = F.avg_pool3d(sq, (window, 1, 1), stride=1).squeeze(1) * window
+        return x / (self.k + self.alpha * summed).pow(self.beta)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
+class TowerDropout(nn.Module):
+    """Dropout whose masks come from its own generator (see :meth:`AlexNet.reseed_dropout`)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.seed = 0
+        self._generator: torch.Generator | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self._generator is None or self._generator.device != x.device:
+            self._generator = torch.Generator(device=x.device)
+            self._generator.manual_seed(self.seed)
+        keep = torch.rand(x.shape, generator=self._generator, device=x.device) >= self.p
+        return x * keep.to(x.dtype) / (1.0 - self.p)
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        if self._generator is not None:
+            self._generator.manual_seed(seed)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class CrossTower(nn.Module):
+    """Marks where a tower's next layer reads every tower's activations.
+
+    :class:`AlexNet` performs the exchange; the marker itself only names it.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise RuntimeError(f"exchange {self.name!r} runs inside AlexNet, which holds the towers")
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def class_split(num_classes: int) -> tuple[int, ...]:
+    """Classes owned by each tower's fc8: tower 0 takes the larger half.
+
+    >>> class_split(1000), class_split(5)
+    ((500, 500), (3, 2))
+    """
+    first = math.ceil(num_classes / NUM_TOWERS)
+    return (first, num_classes - first)
+
+
+def _scaled(width: int, width_mult: float) -> int:
+    return max(1, round(width * width_mult))
+
+
+class Tower(nn.Module):
+    """One of the paper's two towers (half of every layer)."""
+
+    def __init__(self, index: int, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.index = index
+        c1, c2, c3, c4, c5 = (_scaled(c, width_mult) for c in CONV_WIDTHS)
+        fc = _scaled(FC_WIDTH, width_mult)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2),  # conv1
+            nn.ReLU(inplace=True),
+            LocalResponseNorm(),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(c1, c2, kernel_size=5, padding=2),  # conv2
+            nn.ReLU(inplace=True),
+            LocalResponseNorm(),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            CrossTower("conv3"),
+            nn.Conv2d(NUM_TOWERS * c2, c3, kernel_size=3, padding=1),  # conv3
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c3, c4, kernel_size=3, padding=1),  # conv4
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c4, c5, kernel_size=3, padding=1),  # conv5
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.AdaptiveAvgPool2d((POOLED, POOLED)),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            CrossTower("fc6"),
+            nn.Linear(NUM_TOWERS * c5 * POOLED * POOLED, fc),  # fc6
+            nn.ReLU(inplace=True),
+            TowerDropout(dropout),
+            CrossTower("fc7"),
+            nn.Linear(NUM_TOWERS * fc, fc),  # fc7
+            nn.ReLU(inplace=True),
+            TowerDropout(dropout),
+            CrossTower("fc8"),
+            nn.Linear(NUM_TOWERS * fc, class_split(num_classes)[index]),  # fc8
+        )
+
+    def layers(self) -> list[nn.Module]:
+        return [*self.features, *self.classifier]
+
+    def init_weights(self, scheme: str = "paper") -> None:
+        """``paper``: weights N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
+        ``kaiming``: He-normal weights for the ReLU layers, N(0, 0.01) for fc8, biases 0."""
+        weighted = [m for m in self.layers() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        # Order: conv1..conv5, fc6, fc7, fc8.
+        ones = {1, 3, 4, 5, 6}
+        for i, m in enumerate(weighted):
+            if scheme == "paper":
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.constant_(m.bias, 1.0 if i in ones else 0.0)
+            elif scheme == "kaiming":
+                if m is weighted[-1]:
+                    nn.init.normal_(m.weight, 0.0, 0.01)
+                else:
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            else:
+                raise ValueError(f"unknown init scheme {scheme!r}: use 'paper' or 'kaiming'")
+
+
+class AlexNet(nn.Module):
+    """The whole two-tower network, or this rank's towers of it.
+
+    Input N x 3 x H x W (224 in the paper), output N x ``num_classes`` logits on every
+    rank. ``towers`` selects the towers held here; ``group`` is the tower-parallel
+    process group holding the others (``None``: all towers are local).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        width_mult: float = 1.0,
+        dropout: float = 0.5,
+        init: str = "paper",
+        towers: Sequence[int] = tuple(range(NUM_TOWERS)),
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < NUM_TOWERS:
+            raise ValueError(f"num_classes must be at least {NUM_TOWERS} (one per tower), got {num_classes}")
+        if group is None and len(towers) != NUM_TOWERS:
+            raise ValueError("a model holding only some towers needs the process group of the others")
+        self.num_classes = num_classes
+        self.group = group
+        self.towers = nn.ModuleDict({f"tower{t}": Tower(t, num_classes, width_mult, dropout) for t in towers})
+        for tower in self.towers.values():
+            tower.init_weights(init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        towers = list(self.towers.values())
+        hs = [x] * len(towers)
+        for layers in zip(*(t.layers() for t in towers)):
+            if isinstance(layers[0], CrossTower):
+                # conv3: towers x (N x C2 x 13 x 13) -> N x 2*C2 x 13 x 13
+                # fc6:   towers x (N x C5*36)        -> N x 2*C5*36
+                # fc7, fc8: towers x (N x F)         -> N x 2*F
+                full = gather_from_towers(hs, self.group, layers[0].name)
+                hs = [full] * len(towers)
+            else:
+                hs = [layer(h) for layer, h in zip(layers, hs)]
+        # towers x (N x classes_t) -> N x num_classes
+        return gather_logits(hs, self.group, class_split(self.num_classes))
+
+    def reseed_dropout(self, seed: int, replica: int, step: int) -> None:
+        """Give every dropout layer masks determined by (seed, replica, tower, step, layer)."""
+        for tower in self.towers.values():
+            drops = [m for m in tower.layers() if isinstance(m, TowerDropout)]
+            for layer, drop in enumerate(drops):
+                key = (seed, replica, tower.index, step, layer)
+                drop.reseed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
