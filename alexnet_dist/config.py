@@ -1,0 +1,266 @@
+"""The configuration: dataclasses with validation, one YAML file, ``--set`` overrides.
+
+``load_config(path, overrides)`` reads ``configs/default.yaml`` (or ``path``), applies
+``--set a.b=value`` overrides (values parsed as YAML), and validates every field: a
+key that does not exist, or a value of the wrong type, is one clear error naming it.
+The DeepSpeed JSON is generated from here (:func:`deepspeed_config`), never kept
+beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig",
+    "DEFAULT_CONFIG", "deepspeed_config", "load_config", "parse_overrides",
+]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad configuration; its message is the one line the user sees."""
+
+
+@dataclass
+class DataConfig:
+    """Input: folders, augmentation, DALI."""
+
+    train_dir: str | None = None  # ImageFolder root; unset: the built-in demo data set
+    val_dir: str | None = None
+    on_bad_file: Literal["error", "skip"] = "error"
+    augment: bool = True  # the paper's random crop, flip and PCA colour noise
+    image_size: int = 224  # crop side
+    resize: int = 256  # shorter side before cropping
+    pca: str | None = None  # eigen file from `python -m data_pipeline.pca`; unset: ImageNet's
+    ten_crop_eval: bool = False  # evaluate with the paper's 10 views instead of the centre crop
+    num_threads: int = 2  # DALI CPU threads per rank
+    prefetch: int = 2  # DALI prefetch queue depth
+    scan: bool = True  # check every file decodes before training (cached)
+    cache_dir: str = "~/.cache/alexnet-dist"  # demo data set and scan cache
+
+    def validate(self) -> None:
+        _positive(self, "image_size", "resize", "num_threads", "prefetch")
+        if self.resize < self.image_size:
+            raise ConfigError(f"data.resize ({self.resize}) must be at least data.image_size ({self.image_size})")
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int | None = None  # default: the number of class folders
+    width_mult: float = 1.0  # 1.0 = the paper's widths
+    dropout: float = 0.5
+    init: Literal["paper", "kaiming"] = "paper"
+
+    def validate(self) -> None:
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"model.num_classes must be at least 2, got {self.num_classes}")
+        if not 0 < self.width_mult <= 4:
+            raise ConfigError(f"model.width_mult must be in (0, 4], got {self.width_mult}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 128  # images per data-parallel replica per step
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: int = 90
+    seed: int = 0
+    lr: float = 0.01
+    lr_scale_batch: int | None = None  # scale lr linearly by global_batch / this (unset: no scaling)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["plateau", "step", "cosine", "constant"] = "plateau"
+    warmup_steps: int = 0
+    step_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])  # schedule=step
+    plateau_patience: int = 1  # epochs without val improvement before lr /= 10
+    max_lr_drops: int = 3  # the paper divided the lr by 10 three times
+    grad_clip: float = 0.0  # 0 = off
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    zero_stage: Literal[0, 1] = 0
+    exchange_chunks: int = 1  # >1: split the micro batch to overlap exchanges with compute
+    eval_every_epochs: int = 1
+
+    def validate(self) -> None:
+        _positive(self, "micro_batch_size", "grad_accum", "epochs", "eval_every_epochs", "exchange_chunks")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be positive, got {self.max_steps}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("train.warmup_steps and train.grad_clip must not be negative")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    checkpoint_every: int = 100  # steps; 0 = only at the end and on SIGTERM
+    keep_last: int = 2  # complete checkpoints kept besides the best
+    log_every: int = 10
+    evaluate_only: bool = False  # evaluate the newest checkpoint of run.dir and stop
+    tensorboard: bool = False  # DeepSpeed's monitors, written under run.dir/monitor
+    csv_monitor: bool = False
+    collective_timeout_s: float = 300.0  # a dead rank makes the others fail after this
+
+    def validate(self) -> None:
+        if self.checkpoint_every < 0 or self.keep_last < 1 or self.log_every < 1:
+            raise ConfigError("run.checkpoint_every must be >= 0, run.keep_last and run.log_every >= 1")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> Config:
+        for section in (self.data, self.model, self.train, self.run):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ConfigError(f"{_section_name(section)}.{name} must be at least 1, got {getattr(section, name)}")
+
+
+def _section_name(section: Any) -> str:
+    return type(section).__name__.removesuffix("Config").lower()
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return ``value`` if it fits ``hint`` (ints widen to floats), else raise ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in args and type(value) is type(args[args.index(value)]):
+            return value
+        raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}; got {value!r}")
+    elif origin is list:
+        if isinstance(value, list):
+            return [_check_type(key, v, args[0]) for v in value]
+    elif hint is type(None):
+        if value is None:
+            return None
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, hint):
+        return value
+    raise ConfigError(f"{key} must be {_describe(hint)}; got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if args:
+        return " or ".join(_describe(a) for a in args)
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (keys in {where}: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(f"{prefix}{name}", value, hint)
+    return cls(**kwargs)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.max_steps=20", ...]`` -> nested dict with YAML-parsed values."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} needs the form key=value, e.g. --set train.max_steps=20")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e.problem})") from None
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r} conflicts with an earlier --set of {part}")
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (default: configs/default.yaml), apply ``--set`` overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    return _build(Config, _merge(values, parse_overrides(list(overrides))), "").validate()
+
+
+def deepspeed_config(cfg: Config, data_parallel_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this config (the optimizer and schedule stay ours)."""
+    t = cfg.train
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * data_parallel_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,  # plain SGD under ZeRO
+        "steps_per_print": 10**9,  # progress is ours
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    elif t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    monitor_dir = str(Path(cfg.run.dir) / "monitor")
+    if cfg.run.tensorboard:
+        ds["tensorboard"] = {"enabled": True, "output_path": monitor_dir, "job_name": "alexnet"}
+    if cfg.run.csv_monitor:
+        ds["csv_monitor"] = {"enabled": True, "output_path": monitor_dir, "job_name": "alexnet"}
+    return ds
