@@ -31,6 +31,9 @@ __all__ = [
     "EXCHANGE_COUNTER",
     "ExchangeCounter",
     "all_reduce_sum",
+    "any_rank",
+    "barrier",
+    "broadcast_object",
     "gather_batch",
     "gather_from_towers",
     "gather_logits",
@@ -180,3 +183,28 @@ def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     if _group_size(group) > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
+
+
+def barrier() -> None:
+    """Every rank of the world reaches this point (no-op outside torch.distributed)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Global rank ``src``'s picklable ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@torch.no_grad()
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank of the world."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -170,7 +170,7 @@ class Tower(nn.Module):
     def layers(self) -> list[nn.Module]:
         return [*self.features, *self.classifier]
 
-    def init_weights(self, scheme: str = "paper") -> None:
+    def init_weights(self, scheme: str = "paper", generator: torch.Generator | None = None) -> None:
         """``paper``: weights N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
         ``kaiming``: He-normal weights for the ReLU layers, N(0, 0.01) for fc8, biases 0."""
         weighted = [m for m in self.layers() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -178,13 +178,13 @@ class Tower(nn.Module):
         ones = {1, 3, 4, 5, 6}
         for i, m in enumerate(weighted):
             if scheme == "paper":
-                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.normal_(m.weight, 0.0, 0.01, generator=generator)
                 nn.init.constant_(m.bias, 1.0 if i in ones else 0.0)
             elif scheme == "kaiming":
                 if m is weighted[-1]:
-                    nn.init.normal_(m.weight, 0.0, 0.01)
+                    nn.init.normal_(m.weight, 0.0, 0.01, generator=generator)
                 else:
-                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=generator)
                 nn.init.zeros_(m.bias)
             else:
                 raise ValueError(f"unknown init scheme {scheme!r}: use 'paper' or 'kaiming'")
@@ -195,7 +195,9 @@ class AlexNet(nn.Module):
 
     Input N x 3 x H x W (224 in the paper), output N x ``num_classes`` logits on every
     rank. ``towers`` selects the towers held here; ``group`` is the tower-parallel
-    process group holding the others (``None``: all towers are local).
+    process group holding the others (``None``: all towers are local). With ``seed``,
+    tower t is initialised from (seed, t) alone, so every layout starts from the same
+    weights; without it, from the global RNG.
     """
 
     def __init__(
@@ -206,6 +208,7 @@ class AlexNet(nn.Module):
         init: str = "paper",
         towers: Sequence[int] = tuple(range(NUM_TOWERS)),
         group: dist.ProcessGroup | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if num_classes < NUM_TOWERS:
@@ -216,7 +219,8 @@ class AlexNet(nn.Module):
         self.group = group
         self.towers = nn.ModuleDict({f"tower{t}": Tower(t, num_classes, width_mult, dropout) for t in towers})
         for tower in self.towers.values():
-            tower.init_weights(init)
+            generator = None if seed is None else torch.Generator().manual_seed(seed * NUM_TOWERS + tower.index)
+            tower.init_weights(init, generator)
 
     def forward(self, x: Tensor) -> Tensor:
         towers = list(self.towers.values())
@@ -240,3 +244,11 @@ class AlexNet(nn.Module):
             for layer, drop in enumerate(drops):
                 key = (seed, replica, tower.index, step, layer)
                 drop.reseed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
+    @classmethod
+    def load(cls, path: str) -> AlexNet:
+        """The whole network from a file written by ``python -m alexnet_dist.export``."""
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        model = cls(**blob["model"])
+        model.load_state_dict(blob["state_dict"])
+        return model

@@ -1,0 +1,127 @@
+"""Checkpoints through DeepSpeed, made safe to resume from.
+
+Layout: ``run.dir/checkpoints/step00000100/`` holds DeepSpeed's files (one
+``mp_rank_XX_model_states.pt`` per tower position, optimizer states), ``meta.json``
+(what the checkpoint was made with) and, last of all, ``COMPLETE``. Only directories
+with ``COMPLETE`` are ever resumed from, so a save cut off half way (a killed job, a
+full disk) leaves the previous checkpoint as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alexnet_dist.distributed import is_rank0
+from alexnet_dist.exchanges import barrier
+
+__all__ = ["CheckpointError", "Checkpoints", "LAYOUT_KEYS", "merged_model_state"]
+
+COMPLETE = "COMPLETE"
+META = "meta.json"
+# What must match between a checkpoint and the run resuming from it.
+LAYOUT_KEYS = ("num_classes", "width_mult", "tower_parallel_size", "data_parallel_size")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is the one line the user sees."""
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Checkpoints:
+    """The checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 2) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    @staticmethod
+    def tag(step: int) -> str:
+        return f"step{step:08d}"
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoint directories, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if (p / COMPLETE).is_file())
+
+    def newest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, engine, step: int, client_state: dict[str, Any], meta: dict[str, Any], best: bool) -> Path:
+        """Save on every rank; mark complete and prune on rank 0 once all ranks wrote."""
+        tag = self.tag(step)
+        path = self.root / tag
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        except OSError as e:
+            raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from None
+        barrier()  # every tower's files are on disk before the checkpoint counts
+        if is_rank0():
+            _atomic_write(path / META, json.dumps({**meta, "step": step, "best": best}, indent=1))
+            _atomic_write(path / COMPLETE, "")
+            self._prune(best_tag=tag if best else None)
+        barrier()
+        return path
+
+    def _prune(self, best_tag: str | None) -> None:
+        best_file = self.root / "best"
+        if best_tag:
+            _atomic_write(best_file, best_tag)
+        keep = {p.name for p in self.complete()[-self.keep_last:]}
+        if best_file.is_file():
+            keep.add(best_file.read_text().strip())
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, engine, layout: dict[str, Any]) -> dict[str, Any] | None:
+        """Resume ``engine`` from the newest complete checkpoint; its client state, or None."""
+        path = self.newest()
+        if path is None:
+            return None
+        check_layout(path, layout)
+        _, client_state = engine.load_checkpoint(str(self.root), tag=path.name)
+        if client_state is None:
+            raise CheckpointError(f"checkpoint {path} has no files for this rank's tower")
+        return client_state
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has no readable {META}: {e}") from None
+
+
+def check_layout(path: Path, layout: dict[str, Any]) -> None:
+    meta = read_meta(path)
+    for key in LAYOUT_KEYS:
+        if meta.get(key) != layout[key]:
+            raise CheckpointError(
+                f"checkpoint {path} was made with {key}={meta.get(key)}, this run has {key}={layout[key]}; "
+                "use the same model and world layout, or another run.dir"
+            )
+
+
+def merged_model_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The whole network's state dict from one checkpoint directory (every tower's file)."""
+    files = sorted(path.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"no model states in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        module = torch.load(f, map_location="cpu", weights_only=False)["module"]
+        state.update({k: v.float() for k, v in module.items()})
+    return state, read_meta(path)
