@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["LaunchInfo", "discover", "init_distributed", "rank0", "is_rank0", "free_port"]
+__all__ = ["LaunchInfo", "discover", "free_port", "init_distributed", "is_rank0", "rank0", "spawn_ranks"]
 
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID")
 
@@ -126,3 +126,26 @@ def is_rank0() -> bool:
 def rank0(fn, *args, **kwargs):
     """Run a side effect (files, printing) on global rank 0 only; other ranks get ``None``."""
     return fn(*args, **kwargs) if is_rank0() else None
+
+
+def _spawned(rank: int, world_size: int, port: int, threads: int, fn, args: tuple) -> None:
+    torch.set_num_threads(threads)
+    init_distributed(LaunchInfo(rank, world_size, rank, "127.0.0.1", port, "spawn"), timeout_s=300)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(world_size: int, fn, *args, threads: int | None = None) -> None:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` new processes joined by a
+    process group on this machine (the tests and the benchmark start their own ranks).
+
+    ``fn`` must live at module level (spawn pickles it by name). A rank that raises
+    makes this raise, after the other ranks are terminated. ``threads``: torch threads
+    per rank (default: this machine's cores shared out).
+    """
+    import torch.multiprocessing as mp
+
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    mp.start_processes(_spawned, args=(world_size, free_port(), threads, fn, args), nprocs=world_size, start_method="spawn")

@@ -4,6 +4,8 @@
    each, allocated on the input's device, skipped when the group has one member, and
    counted in :data:`EXCHANGE_COUNTER` (bytes this rank sends to its partner towers).
 2. Autograd Functions named for their direction, e.g. ``_AllGatherForwardReduceScatterBackward``.
+   Gathers move dim-0 blocks (the collectives' native layout) and start
+   asynchronously, so the model can compute while an exchange is in flight.
 3. Public wrappers that the model, the input pipeline and the evaluation call.
 
 The backward rule (DESIGN.md): when every tower applies its *own* weights to the
@@ -37,6 +39,8 @@ __all__ = [
     "gather_batch",
     "gather_from_towers",
     "gather_logits",
+    "PendingExchange",
+    "start_gather_from_towers",
 ]
 
 
@@ -74,28 +78,40 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _all_gather_start(x: Tensor, group: dist.ProcessGroup | None, name: str) -> tuple[Tensor, dist.Work | None]:
+    """Start gathering every member's ``x`` as dim-0 blocks (member i: rows i*N..(i+1)*N)."""
+    size = _group_size(group)
+    if size == 1:
+        return x, None
+    x = x.contiguous()
+    blocks = x.new_empty((size * x.shape[0], *x.shape[1:]))
+    work = dist.all_gather_single(blocks, x, group=group, async_op=True)
+    EXCHANGE_COUNTER.add(name, _nbytes(x) * (size - 1))
+    return blocks, work
+
+
+def _blocks_to_dim(blocks: Tensor, size: int, dim: int) -> Tensor:
+    """Dim-0 blocks of ``size`` members -> the members' tensors concatenated along ``dim``."""
+    return blocks if size == 1 else torch.cat(blocks.chunk(size, 0), dim)
+
+
 def _all_gather(x: Tensor, group: dist.ProcessGroup | None, dim: int, name: str) -> Tensor:
     """Concatenate every group member's ``x`` along ``dim``, in group-rank order."""
-    size = _group_size(group)
-    if size == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x, group=group)
-    EXCHANGE_COUNTER.add(name, _nbytes(x) * (size - 1))
-    return torch.cat(parts, dim)
+    blocks, work = _all_gather_start(x, group, name)
+    if work is not None:
+        work.wait()
+    return _blocks_to_dim(blocks, _group_size(group), dim)
 
 
-def _reduce_scatter(x: Tensor, group: dist.ProcessGroup | None, dim: int, name: str) -> Tensor:
-    """Sum ``x`` over the group and keep this rank's equal slice along ``dim``."""
+def _reduce_scatter_blocks(blocks: Tensor, group: dist.ProcessGroup | None, name: str) -> Tensor:
+    """Sum dim-0 blocks over the group and keep this member's block."""
     size = _group_size(group)
     if size == 1:
-        return x
-    chunks = [c.contiguous() for c in x.chunk(size, dim)]
-    mine = dist.get_rank(group)
-    out = torch.empty_like(chunks[mine])
-    dist.reduce_scatter(out, chunks, group=group)
-    EXCHANGE_COUNTER.add(name, sum(_nbytes(c) for i, c in enumerate(chunks) if i != mine))
+        return blocks
+    blocks = blocks.contiguous()
+    out = blocks.new_empty((blocks.shape[0] // size, *blocks.shape[1:]))
+    dist.reduce_scatter_single(out, blocks, group=group)
+    EXCHANGE_COUNTER.add(name, _nbytes(blocks) * (size - 1) // size)
     return out
 
 
@@ -111,16 +127,19 @@ def _split(x: Tensor, group: dist.ProcessGroup | None, dim: int) -> Tensor:
 
 
 class _AllGatherForwardReduceScatterBackward(torch.autograd.Function):
-    """Forward: all-gather along ``dim``. Backward: reduce-scatter (sum) along ``dim``."""
+    """Forward: all-gather into dim-0 blocks, started asynchronously (the work handle is
+    appended to ``pending``). Backward: reduce-scatter (sum) of the blocks' gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group, dim: int, name: str) -> Tensor:
-        ctx.group, ctx.dim, ctx.name = group, dim, name
-        return _all_gather(x, group, dim, name)
+    def forward(ctx, x: Tensor, group, name: str, pending: list) -> Tensor:
+        ctx.group, ctx.name = group, name
+        blocks, work = _all_gather_start(x, group, name)
+        pending.append(work)
+        return blocks
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _reduce_scatter(grad, ctx.group, ctx.dim, ctx.name + ".grad"), None, None, None
+        return _reduce_scatter_blocks(grad, ctx.group, ctx.name + ".grad"), None, None, None
 
 
 class _AllGatherForwardSplitBackward(torch.autograd.Function):
@@ -139,17 +158,39 @@ class _AllGatherForwardSplitBackward(torch.autograd.Function):
 # ---------------------------------------------------------------- 3. public wrappers
 
 
-def gather_from_towers(
+class PendingExchange:
+    """A cross-tower gather in flight: :meth:`wait` returns the full activation."""
+
+    def __init__(self, blocks: Tensor, work: dist.Work | None, size: int, dim: int) -> None:
+        self._blocks, self._work, self._size, self._dim = blocks, work, size, dim
+
+    def wait(self) -> Tensor:
+        if self._work is not None:
+            self._work.wait()
+        return _blocks_to_dim(self._blocks, self._size, self._dim)
+
+
+def start_gather_from_towers(
     local: Sequence[Tensor], group: dist.ProcessGroup | None, name: str, dim: int = 1
-) -> Tensor:
-    """Every tower's activation, concatenated along ``dim`` in tower order.
+) -> PendingExchange:
+    """Start gathering every tower's activation, concatenated along ``dim`` in tower order.
 
     ``local`` holds this rank's towers' tensors (one, or both in the single-process
     reference). The result feeds layers with per-tower weights, hence the
-    reduce-scatter backward.
+    reduce-scatter backward. Compute that does not need the result may run before
+    :meth:`PendingExchange.wait`: that is how the model overlaps exchanges.
     """
     x = local[0] if len(local) == 1 else torch.cat(list(local), dim)
-    return _AllGatherForwardReduceScatterBackward.apply(x, group, dim, name)
+    pending: list = []
+    blocks = _AllGatherForwardReduceScatterBackward.apply(x, group, name, pending)
+    return PendingExchange(blocks, pending[0], _group_size(group), dim)
+
+
+def gather_from_towers(
+    local: Sequence[Tensor], group: dist.ProcessGroup | None, name: str, dim: int = 1
+) -> Tensor:
+    """:func:`start_gather_from_towers`, waited for."""
+    return start_gather_from_towers(local, group, name, dim).wait()
 
 
 def gather_logits(

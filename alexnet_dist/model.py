@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alexnet_dist.exchanges import gather_from_towers, gather_logits
+from alexnet_dist.exchanges import PendingExchange, gather_logits, start_gather_from_towers
 from alexnet_dist.topology import NUM_TOWERS
 
 __all__ = ["AlexNet", "CrossTower", "LocalResponseNorm", "Tower", "TowerDropout", "class_split"]
@@ -170,6 +170,18 @@ class Tower(nn.Module):
     def layers(self) -> list[nn.Module]:
         return [*self.features, *self.classifier]
 
+    def segments(self) -> list[tuple[nn.Sequential, str | None]]:
+        """The runs of layers between exchanges, each with the exchange that follows it."""
+        runs: list[tuple[nn.Sequential, str | None]] = []
+        current: list[nn.Module] = []
+        for layer in self.layers():
+            if isinstance(layer, CrossTower):
+                runs.append((nn.Sequential(*current), layer.name))
+                current = []
+            else:
+                current.append(layer)
+        return runs + [(nn.Sequential(*current), None)]
+
     def init_weights(self, scheme: str = "paper", generator: torch.Generator | None = None) -> None:
         """``paper``: weights N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
         ``kaiming``: He-normal weights for the ReLU layers, N(0, 0.01) for fc8, biases 0."""
@@ -198,6 +210,10 @@ class AlexNet(nn.Module):
     process group holding the others (``None``: all towers are local). With ``seed``,
     tower t is initialised from (seed, t) alone, so every layout starts from the same
     weights; without it, from the global RNG.
+
+    ``exchange_chunks`` > 1 splits the batch into chunks that flow through the layers
+    one after another, so chunk k's exchange is in flight while chunk k+1 computes.
+    The result is the same network (dropout masks are drawn per chunk).
     """
 
     def __init__(
@@ -209,6 +225,7 @@ class AlexNet(nn.Module):
         towers: Sequence[int] = tuple(range(NUM_TOWERS)),
         group: dist.ProcessGroup | None = None,
         seed: int | None = None,
+        exchange_chunks: int = 1,
     ) -> None:
         super().__init__()
         if num_classes < NUM_TOWERS:
@@ -217,6 +234,7 @@ class AlexNet(nn.Module):
             raise ValueError("a model holding only some towers needs the process group of the others")
         self.num_classes = num_classes
         self.group = group
+        self.exchange_chunks = exchange_chunks
         self.towers = nn.ModuleDict({f"tower{t}": Tower(t, num_classes, width_mult, dropout) for t in towers})
         for tower in self.towers.values():
             generator = None if seed is None else torch.Generator().manual_seed(seed * NUM_TOWERS + tower.index)
@@ -224,18 +242,20 @@ class AlexNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         towers = list(self.towers.values())
-        hs = [x] * len(towers)
-        for layers in zip(*(t.layers() for t in towers)):
-            if isinstance(layers[0], CrossTower):
+        # Each chunk's state: its towers' activations, or the exchange it waits for.
+        chunks: list[list[Tensor] | PendingExchange] = [[c] * len(towers) for c in x.chunk(self.exchange_chunks)]
+        for position in zip(*(t.segments() for t in towers)):
+            exchange = position[0][1]
+            for i, state in enumerate(chunks):
+                hs = [state.wait()] * len(towers) if isinstance(state, PendingExchange) else state
+                hs = [layers(h) for (layers, _), h in zip(position, hs)]
                 # conv3: towers x (N x C2 x 13 x 13) -> N x 2*C2 x 13 x 13
                 # fc6:   towers x (N x C5*36)        -> N x 2*C5*36
                 # fc7, fc8: towers x (N x F)         -> N x 2*F
-                full = gather_from_towers(hs, self.group, layers[0].name)
-                hs = [full] * len(towers)
-            else:
-                hs = [layer(h) for layer, h in zip(layers, hs)]
+                chunks[i] = start_gather_from_towers(hs, self.group, exchange) if exchange else hs
         # towers x (N x classes_t) -> N x num_classes
-        return gather_logits(hs, self.group, class_split(self.num_classes))
+        logits = [gather_logits(hs, self.group, class_split(self.num_classes)) for hs in chunks]
+        return logits[0] if len(logits) == 1 else torch.cat(logits, 0)
 
     def reseed_dropout(self, seed: int, replica: int, step: int) -> None:
         """Give every dropout layer masks determined by (seed, replica, tower, step, layer)."""

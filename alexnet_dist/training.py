@@ -136,8 +136,9 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def layout(self) -> dict:
+        """What a checkpoint records about the network and the world (dropout: for export)."""
         return dict(
-            num_classes=self.num_classes, width_mult=self.cfg.model.width_mult,
+            num_classes=self.num_classes, width_mult=self.cfg.model.width_mult, dropout=self.cfg.model.dropout,
             tower_parallel_size=self.topology.tower_parallel_size, data_parallel_size=self.topology.data_parallel_size,
         )
 
@@ -165,7 +166,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Micro batches from the current step on, across epochs."""
         accum = self.cfg.train.grad_accum
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
@@ -173,7 +174,7 @@ class Trainer:
             yield from self.feed.epoch(epoch, start_step=in_epoch * accum)
             epoch, in_epoch = epoch + 1, 0
 
-    def _train_step(self, batches: Iterator) -> tuple[torch.Tensor, float]:
+    def train_step(self, batches: Iterator) -> tuple[torch.Tensor, float]:
         """One optimizer step over ``grad_accum`` micro batches; (mean loss, data-wait seconds)."""
         lr = self.schedule.lr(self.step)
         for group in self.optimizer.param_groups:
@@ -210,11 +211,11 @@ class Trainer:
             say_rank0(f"nothing to do: run.dir {cfg.run.dir} already holds step {self.step} of {self.total_steps}")
             return
         progress = Progress(self.total_steps, self.step, cfg.run.log_every)
-        batches = self._micro_batches()
+        batches = self.micro_batches()
         losses, first, t0, waited = [], self.step, time.perf_counter(), 0.0
         try:
             while self.step < self.total_steps:
-                loss, wait = self._train_step(batches)
+                loss, wait = self.train_step(batches)
                 losses.append(loss)
                 waited += wait
                 self.step += 1

@@ -45,11 +45,13 @@ def _train(model: AlexNet, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 def _tower_worker(rank: int, world_size: int, tmp: Path, backward: str) -> None:
+    """``backward``: the real exchanges, "split" (a wrong backward), or "chunked" (overlap on)."""
     if backward == "split":  # the classic bug: the backward of the gather as a plain split
-        exchanges._reduce_scatter = lambda x, group, dim, name: exchanges._split(x, group, dim)
+        exchanges._reduce_scatter_blocks = lambda blocks, group, name: exchanges._split(blocks, group, 0)
     ref = torch.load(tmp / "ref.pt")
     groups = TowerGroups.from_world()
-    model = AlexNet(**SMALL, towers=groups.towers, group=groups.pair_group)
+    chunks = 3 if backward == "chunked" else 1
+    model = AlexNet(**SMALL, towers=groups.towers, group=groups.pair_group, exchange_chunks=chunks)
     mine = {k: v for k, v in ref["state"].items() if k in model.state_dict()}
     model.load_state_dict(mine, strict=True)
     torch.save(_train(model, ref["x"], ref["y"]), tmp / f"{backward}{rank}.pt")
@@ -77,10 +79,11 @@ def _merged(tmp: Path, backward: str) -> dict:
     }
 
 
-def test_two_ranks_equal_the_single_process_network(reference):
+@pytest.mark.parametrize("mode", ["reduce_scatter", "chunked"])
+def test_two_ranks_equal_the_single_process_network(reference, mode):
     tmp, ref = reference
-    run_ranks(2, _tower_worker, tmp, "reduce_scatter")
-    got = _merged(tmp, "reduce_scatter")
+    run_ranks(2, _tower_worker, tmp, mode)
+    got = _merged(tmp, mode)
     assert_rel(got["logits"], ref["logits"], msg="logits")
     assert_rel(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), msg="losses")
     assert got["grads"].keys() == ref["grads"].keys()

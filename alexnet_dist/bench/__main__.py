@@ -1,0 +1,98 @@
+"""``python -m alexnet_dist.bench {data,model,train} [--config F] [--set k=v ...] [--baseline] --json OUT``
+
+The benchmark starts its own ranks (``--ranks``, default 2) on this machine; it prints
+a markdown table, writes the JSON object of CONTRACT.md to ``--json`` and, with
+``--plot PNG``, a chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alexnet_dist.config import ConfigError, load_config
+from alexnet_dist.metrics import say
+
+MODES = ("data", "model", "train")
+BENCH_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m alexnet_dist.bench", description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=MODES)
+    p.add_argument("--config", default=str(BENCH_CONFIG), help="YAML config (default: configs/bench.yaml, full size)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--baseline", action="store_true", help="also measure the usual way of doing the same work")
+    p.add_argument("--json", required=True, metavar="OUT", help="write the result object here")
+    p.add_argument("--plot", metavar="PNG", help="draw the images/s of every variant")
+    p.add_argument("--ranks", type=int, default=2, help="ranks to start (model, train)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    return p.parse_args(argv)
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    rows = result.get("variants", {result["what"]: result})
+    lines = ["| variant | images/s | median step s | p95 step s | exchange B/image | peak MiB/rank |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        mem = r.get("peak_memory_mb_per_rank", [])
+        lines.append(
+            f"| {name} | {r.get('images_per_sec', float('nan')):.1f} | {r.get('median_step_s', float('nan')):.3f} "
+            f"| {r.get('p95_step_s', float('nan')):.3f} | {r.get('exchange_bytes_per_image', 0):.0f} "
+            f"| {', '.join(f'{m:.0f}' for m in mem)} |"
+        )
+    if "baseline_images_per_sec" in result:
+        lines.append(f"\nratio (project / baseline): {result['images_per_sec'] / result['baseline_images_per_sec']:.2f}x")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = load_config(args.config, args.set)
+    if args.what == "model":
+        from alexnet_dist.bench.model import bench_model
+
+        result = bench_model(cfg, args.ranks, args.baseline, args.steps, args.warmup)
+    elif args.what == "data":
+        from alexnet_dist.bench.data import bench_data
+
+        result = bench_data(cfg, args.baseline, args.steps, args.warmup)
+    else:
+        from alexnet_dist.bench.train import bench_train
+
+        result = bench_train(cfg, args.ranks, args.steps, args.warmup)
+    result.update(device=device_name(), date=datetime.date.today().isoformat(),
+                  command="python -m alexnet_dist.bench " + " ".join(sys.argv[1:]))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except ConfigError as e:
+        say(f"error: {e}", sys.stderr)
+        return 2
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    say(markdown_table(result))
+    if args.plot:
+        from alexnet_dist.viz import plot_bench
+
+        plot_bench(result, Path(args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

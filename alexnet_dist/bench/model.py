@@ -1,0 +1,172 @@
+"""``bench model``: forward, backward and SGD step on synthetic input already on the device.
+
+Variants, each on its own freshly spawned ranks, at the same global batch:
+
+* ``tower_parallel``: this project, one tower per rank (the pair exchanges activations);
+* ``single_process``: both towers in one process (the reference layout);
+* ``ddp_torchvision`` (``--baseline``): torchvision's single-tower AlexNet under plain DDP,
+  the global batch split over the ranks (all-reduces every gradient each step);
+* ``pipeline_deepspeed`` (``--baseline``): the paper's network as one layer list cut
+  into 2 stages by DeepSpeed's ``PipelineModule``, the batch split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet_dist.bench.timing import peak_memory_mb, summarise, time_steps
+from alexnet_dist.config import Config
+from alexnet_dist.distributed import spawn_ranks
+from alexnet_dist.exchanges import EXCHANGE_COUNTER
+from alexnet_dist.groups import TowerGroups
+from alexnet_dist.model import CONV_WIDTHS, FC_WIDTH, POOLED, AlexNet, LocalResponseNorm
+
+__all__ = ["bench_model", "grouped_alexnet_layers"]
+
+PIPELINE_MICRO_BATCHES = 4
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _batch(cfg: Config, n: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    size = cfg.data.image_size
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    return x.to(_device(), dtype).contiguous(memory_format=torch.channels_last), y.to(_device())
+
+
+def _sgd(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def _prepare(model: nn.Module, cfg: Config) -> nn.Module:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    return model.to(_device(), dtype).to(memory_format=torch.channels_last)
+
+
+def _sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    def step() -> None:
+        loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _finish(rank: int, times: list[float], images_per_step: int, out: Path, extra: dict[str, Any]) -> None:
+    """Each rank writes its figures; the parent merges them."""
+    result = dict(summarise(times, images_per_step), peak_memory_mb=peak_memory_mb(_device()), **extra)
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _tower_parallel(rank: int, world: int, cfg: Config, num_classes: int, steps: int, warmup: int, out: Path) -> None:
+    g = TowerGroups.from_world()
+    model = _prepare(AlexNet(num_classes, cfg.model.width_mult, cfg.model.dropout, cfg.model.init,
+                             towers=g.towers, group=g.pair_group, seed=0), cfg)
+    per_replica = cfg.train.micro_batch_size
+    x, y = _batch(cfg, per_replica, num_classes, seed=g.replica)  # both towers of a replica: same images
+    step = _sgd_step(model, _sgd(model, cfg), x, y)
+    times = time_steps(step, steps, warmup, _device(), after_warmup=EXCHANGE_COUNTER.reset)
+    sent = {k: v for k, v in EXCHANGE_COUNTER.bytes_sent.items()}
+    images = per_replica * steps
+    _finish(rank, times, per_replica * g.topology.data_parallel_size, out, dict(
+        exchange_bytes_per_image=sum(sent.values()) / images,
+        exchange_bytes_by_name={k: v / images for k, v in sent.items()},
+    ))
+
+
+def _ddp_torchvision(rank: int, world: int, cfg: Config, num_classes: int, steps: int, warmup: int, out: Path) -> None:
+    import torchvision
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _prepare(torchvision.models.alexnet(num_classes=num_classes, dropout=cfg.model.dropout), cfg)
+    ddp = DistributedDataParallel(model, device_ids=[_device()] if _device().type == "cuda" else None)
+    global_batch = cfg.train.micro_batch_size * max(1, world // 2)  # the tower-parallel run's global batch
+    x, y = _batch(cfg, global_batch // world, num_classes, seed=rank)
+    times = time_steps(_sgd_step(ddp, _sgd(ddp, cfg), x, y), steps, warmup, _device())
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    _finish(rank, times, global_batch, out, dict(allreduce_bytes_per_step=grad_bytes))
+
+
+def grouped_alexnet_layers(num_classes: int, width_mult: float, dropout: float) -> list[nn.Module]:
+    """The paper's whole network on one device as a flat layer list (conv2, conv4 and
+    conv5 with groups=2): the form a user would cut into pipeline stages."""
+    c1, c2, c3, c4, c5 = (2 * max(1, round(c * width_mult)) for c in CONV_WIDTHS)
+    fc = 2 * max(1, round(FC_WIDTH * width_mult))
+    return [
+        nn.Conv2d(3, c1, 11, 4, 2), nn.ReLU(), LocalResponseNorm(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(c1, c2, 5, padding=2, groups=2), nn.ReLU(), LocalResponseNorm(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c3, c4, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(c4, c5, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.AdaptiveAvgPool2d((POOLED, POOLED)), nn.Flatten(),
+        nn.Linear(c5 * POOLED * POOLED, fc), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(fc, fc), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(fc, num_classes),
+    ]
+
+
+def _pipeline_deepspeed(rank: int, world: int, cfg: Config, num_classes: int, steps: int, warmup: int, out: Path) -> None:
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    pipe = PipelineModule(grouped_alexnet_layers(num_classes, cfg.model.width_mult, cfg.model.dropout),
+                          num_stages=2, loss_fn=lambda logits, y: F.cross_entropy(logits.float(), y),
+                          partition_method="parameters")
+    global_batch = cfg.train.micro_batch_size * max(1, world // 2)
+    micro = max(1, global_batch // PIPELINE_MICRO_BATCHES)
+    ds = {"train_batch_size": micro * PIPELINE_MICRO_BATCHES, "train_micro_batch_size_per_gpu": micro,
+          "steps_per_print": 10**9, "bf16": {"enabled": cfg.train.precision == "bf16"}}
+    engine, *_ = deepspeed.initialize(model=pipe, optimizer=_sgd(pipe, cfg), config=ds)
+    x, y = _batch(cfg, micro, num_classes, seed=0)
+    batches = iter(lambda: (x, y), None)  # the same micro batch, endlessly
+    times = time_steps(lambda: engine.train_batch(batches), steps, warmup, _device())
+    _finish(rank, times, micro * PIPELINE_MICRO_BATCHES, out, {})
+
+
+VARIANTS = {
+    "tower_parallel": _tower_parallel,
+    "single_process": _tower_parallel,
+    "ddp_torchvision": _ddp_torchvision,
+    "pipeline_deepspeed": _pipeline_deepspeed,
+}
+
+
+def _run_variant(name: str, ranks: int, cfg: Config, num_classes: int, steps: int, warmup: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        spawn_ranks(ranks, VARIANTS[name], cfg, num_classes, steps, warmup, Path(tmp))
+        per_rank = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(ranks)]
+    result = dict(per_rank[0], world_size=ranks)
+    result["peak_memory_mb_per_rank"] = [r["peak_memory_mb"] for r in per_rank]
+    del result["peak_memory_mb"]
+    return result
+
+
+def bench_model(cfg: Config, ranks: int, baseline: bool, steps: int, warmup: int) -> dict[str, Any]:
+    """Run the variants and return the contract's JSON object (``variants`` holds each one)."""
+    num_classes = cfg.model.num_classes or 1000
+    names = ["tower_parallel", "single_process"] + (["ddp_torchvision", "pipeline_deepspeed"] if baseline else [])
+    variants = {}
+    for name in names:
+        variants[name] = _run_variant(name, 1 if name == "single_process" else ranks, cfg, num_classes, steps, warmup)
+    ours = variants["tower_parallel"]
+    result = dict(what="model", images_per_sec=ours["images_per_sec"], world_size=ranks,
+                  exchange_bytes_per_image=ours["exchange_bytes_per_image"], variants=variants,
+                  global_batch=cfg.train.micro_batch_size * max(1, ranks // 2))
+    if baseline:
+        result["baseline_images_per_sec"] = variants["ddp_torchvision"]["images_per_sec"]
+    return result
