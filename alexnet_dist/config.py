@@ -10,6 +10,9 @@ beside it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ import yaml
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig",
-    "DEFAULT_CONFIG", "deepspeed_config", "load_config", "parse_overrides",
+    "DEFAULT_CONFIG", "deepspeed_config", "load_config", "parse_overrides", "reference_markdown",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -35,8 +38,8 @@ class DataConfig:
     """Input: folders, augmentation, DALI."""
 
     train_dir: str | None = None  # ImageFolder root; unset: the built-in demo data set
-    val_dir: str | None = None
-    on_bad_file: Literal["error", "skip"] = "error"
+    val_dir: str | None = None  # ImageFolder root evaluated each epoch; unset with the demo set: its val split
+    on_bad_file: Literal["error", "skip"] = "error"  # undecodable files: stop and name them, or leave them out
     augment: bool = True  # the paper's random crop, flip and PCA colour noise
     image_size: int = 224  # crop side
     resize: int = 256  # shorter side before cropping
@@ -57,8 +60,8 @@ class DataConfig:
 class ModelConfig:
     num_classes: int | None = None  # default: the number of class folders
     width_mult: float = 1.0  # 1.0 = the paper's widths
-    dropout: float = 0.5
-    init: Literal["paper", "kaiming"] = "paper"
+    dropout: float = 0.5  # after fc6 and fc7, as in the paper
+    init: Literal["paper", "kaiming"] = "paper"  # paper: N(0, 0.01), biases 1 in conv2/4/5, fc6/7
 
     def validate(self) -> None:
         if self.num_classes is not None and self.num_classes < 2:
@@ -72,24 +75,24 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     micro_batch_size: int = 128  # images per data-parallel replica per step
-    grad_accum: int = 1
-    max_steps: int | None = None
-    epochs: int = 90
-    seed: int = 0
-    lr: float = 0.01
+    grad_accum: int = 1  # micro batches per optimizer step
+    max_steps: int | None = None  # optimizer steps; stop at this or train.epochs, whichever first
+    epochs: int = 90  # passes over the training set
+    seed: int = 0  # same seed, config and layout: same losses
+    lr: float = 0.01  # SGD learning rate (before warm-up and scaling)
     lr_scale_batch: int | None = None  # scale lr linearly by global_batch / this (unset: no scaling)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: Literal["plateau", "step", "cosine", "constant"] = "plateau"
-    warmup_steps: int = 0
-    step_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])  # schedule=step
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 penalty, on every weight as in the paper
+    schedule: Literal["plateau", "step", "cosine", "constant"] = "plateau"  # plateau: lr / 10 when val error stalls
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps
+    step_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])  # schedule=step: lr / 10 at these epochs
     plateau_patience: int = 1  # epochs without val improvement before lr /= 10
     max_lr_drops: int = 3  # the paper divided the lr by 10 three times
     grad_clip: float = 0.0  # 0 = off
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    zero_stage: Literal[0, 1] = 0
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # DeepSpeed fp16 (loss scaling) or bf16
+    zero_stage: Literal[0, 1] = 0  # DeepSpeed ZeRO stage (1: optimizer state sharded over replicas)
     exchange_chunks: int = 1  # >1: split the micro batch to overlap exchanges with compute
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = 1  # validation every this many epochs (and at the end)
 
     def validate(self) -> None:
         _positive(self, "micro_batch_size", "grad_accum", "epochs", "eval_every_epochs", "exchange_chunks")
@@ -103,14 +106,14 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = "runs/default"  # metrics.jsonl, config.yaml, checkpoints/
     checkpoint_every: int = 100  # steps; 0 = only at the end and on SIGTERM
     keep_last: int = 2  # complete checkpoints kept besides the best
-    log_every: int = 10
+    log_every: int = 10  # steps between progress lines (metrics.jsonl has every step)
     evaluate_only: bool = False  # evaluate the newest checkpoint of run.dir and stop
     tensorboard: bool = False  # DeepSpeed's monitors, written under run.dir/monitor
-    csv_monitor: bool = False
-    collective_timeout_s: float = 300.0  # a dead rank makes the others fail after this
+    csv_monitor: bool = False  # DeepSpeed's CSV monitor, under run.dir/monitor
+    collective_timeout_s: float = 300.0  # seconds; a stuck collective fails after this
 
     def validate(self) -> None:
         if self.checkpoint_every < 0 or self.keep_last < 1 or self.log_every < 1:
@@ -264,3 +267,24 @@ def deepspeed_config(cfg: Config, data_parallel_size: int) -> dict[str, Any]:
     if cfg.run.csv_monitor:
         ds["csv_monitor"] = {"enabled": True, "output_path": monitor_dir, "job_name": "alexnet"}
     return ds
+
+
+_FIELD_LINE = re.compile(r"^\s+(\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$")
+
+
+def reference_markdown() -> str:
+    """The configuration reference (README.md): every key, its default and its comment,
+    read from the dataclasses' source so it cannot drift from them."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        defaults = dataclasses.asdict(cls())
+        for line in inspect.getsource(cls).splitlines():
+            m = _FIELD_LINE.match(line)
+            if m and m.group(1) in defaults:
+                rows.append(f"| `{section.name}.{m.group(1)}` | `{yaml.safe_dump(defaults[m.group(1)], default_flow_style=True).strip().removesuffix('...').strip()}` | {m.group(3) or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown() + "\n")
