@@ -29,7 +29,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from alexnet_dist.checkpoint import Checkpoints, merged_model_state
 from alexnet_dist.model import AlexNet
@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 METRICS = "metrics.jsonl"
+GAP = 2  # white pixels between kernels in filters.png
 TRAIN_KEYS = ("step", "loss", "lr")
 VAL_KEYS = ("step", "loss", "top1", "top5")
 # What reading a model file or checkpoint can raise when the file is not one.
@@ -64,20 +65,32 @@ class VizError(Exception):
 
 @dataclass(frozen=True)
 class Source:
-    """A network to draw: ``run_dir`` is None for an exported model file."""
+    """What is drawn: a network, named in titles, and its run's metrics (None for a model file)."""
 
     model: AlexNet
-    label: str
-    run_dir: Path | None
+    name: str  # the run directory's or the file's
+    step: int | None  # of the checkpoint; None for a model file
+    metrics: tuple[list[Record], list[Record]] | None
+
+    @property
+    def label(self) -> str:
+        """The name, with the step where there is one."""
+        return self.name if self.step is None else f"{self.name}, step {self.step}"
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    """The exception's message on one line, cut at ``limit`` characters."""
+    if isinstance(e, pickle.UnpicklingError):  # torch's message suggests unsafe loading
+        return "not a PyTorch file of tensors"
+    if isinstance(e, KeyError):
+        return f"missing key {e.args[0]!r}"
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=120)
+    fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.1, h_pad=0.1)
     FigureCanvasAgg(fig)
     return fig
 
@@ -92,12 +105,13 @@ def load_source(path: Path) -> Source:
     if path.is_dir():
         return _load_run_dir(path)
     try:
-        return Source(AlexNet.load(str(path)), path.name, None)
+        return Source(AlexNet.load(str(path)), path.name, None, None)
     except _READ_ERRORS as e:
-        raise VizError(f"cannot read model file {path}: {_one_line(e)}") from None
+        raise VizError(f"{path} is not a model file from alexnet_dist.export: {_one_line(e)}") from None
 
 
 def _load_run_dir(run_dir: Path) -> Source:
+    metrics = read_metrics(run_dir / METRICS)
     newest = Checkpoints(run_dir).newest()
     if newest is None:
         raise VizError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
@@ -105,10 +119,10 @@ def _load_run_dir(run_dir: Path) -> Source:
         state, meta = merged_model_state(newest)
         model = AlexNet(meta["num_classes"], meta["width_mult"], meta["dropout"])
         model.load_state_dict(state)
-        label = f"{run_dir.resolve().name}, step {meta['step']}"
+        step = meta["step"]
     except _READ_ERRORS as e:
         raise VizError(f"cannot read checkpoint {newest}: {_one_line(e)}") from None
-    return Source(model, label, run_dir)
+    return Source(model, run_dir.resolve().name, step, metrics)
 
 
 def _checked(record: Any, keys: tuple[str, ...], where: str) -> Record:
@@ -121,7 +135,8 @@ def _checked(record: Any, keys: tuple[str, ...], where: str) -> Record:
 def read_metrics(path: Path) -> tuple[list[Record], list[Record]]:
     """(training records, validation records) of a ``metrics.jsonl``.
 
-    A last line without its newline (a live run writing it) is left out.
+    Records with a ``split`` other than ``val`` are left out, and so is a last line
+    without its newline (a live run writing it).
     """
     if not path.is_file():
         raise VizError(f"{path}: no such file (training writes it from its first logged step)")
@@ -139,8 +154,11 @@ def read_metrics(path: Path) -> tuple[list[Record], list[Record]]:
             record = json.loads(line)
         except ValueError as e:
             raise VizError(f"{where}: not JSON: {_one_line(e)}") from None
-        is_val = isinstance(record, dict) and record.get("split") == "val"
-        (val if is_val else train).append(_checked(record, VAL_KEYS if is_val else TRAIN_KEYS, where))
+        split = record.get("split") if isinstance(record, dict) else None
+        if split is None:
+            train.append(_checked(record, TRAIN_KEYS, where))
+        elif split == "val":
+            val.append(_checked(record, VAL_KEYS, where))
     if not train and not val:
         raise VizError(f"{path} has no records yet")
     return train, val
@@ -202,12 +220,12 @@ def grid_shape(n: int) -> tuple[int, int]:
     return rows, math.ceil(n / rows)
 
 
-def kernel_grid(rgb: np.ndarray, gap: int = 2) -> np.ndarray:
+def kernel_grid(rgb: np.ndarray) -> np.ndarray:
     """Tile normalised kernels (``n x k x k x 3``) row by row into one image, white between."""
     n, k = rgb.shape[:2]
     rows, cols = grid_shape(n)
-    cell = k + gap
-    image = np.ones((rows * cell - gap, cols * cell - gap, 3))
+    cell = k + GAP
+    image = np.ones((rows * cell - GAP, cols * cell - GAP, 3))
     for i, kernel in enumerate(rgb):
         r, c = divmod(i, cols)
         image[r * cell : r * cell + k, c * cell : c * cell + k] = kernel
@@ -217,33 +235,34 @@ def kernel_grid(rgb: np.ndarray, gap: int = 2) -> np.ndarray:
 # ---------------------------------------------------------------- pictures
 
 
-def _draw_tower(ax: Axes, kernels: np.ndarray, tower: int) -> None:
+def _draw_tower(ax: Axes, kernels: np.ndarray, tower: int, saturation: float) -> None:
     n, k = kernels.shape[:2]
     rows, cols = grid_shape(n)
-    cell = k + 2
+    cell = k + GAP
     ax.imshow(kernel_grid(normalised_kernels(kernels)), interpolation="nearest")
     ax.set_xticks([c * cell + (k - 1) / 2 for c in range(cols)], [f"+{c}" for c in range(cols)])
     ax.set_yticks([r * cell + (k - 1) / 2 for r in range(rows)], [str(r * cols) for r in range(rows)])
     ax.tick_params(length=0, labelsize=8, colors="0.35")
     ax.spines[:].set_visible(False)
-    saturation = kernel_saturation(kernels).mean()
-    ax.set_title(f"tower {tower}: {n} kernels, mean saturation {saturation:.3f}", fontsize=11)
+    ax.set_title(f"tower {tower} ({n} kernels)\nmean saturation {saturation:.3f}", fontsize=11)
 
 
 def plot_filters(model: AlexNet, path: Path, label: str) -> list[float]:
     """Draw every tower's conv1 kernels side by side into ``path``; return each tower's saturation."""
     kernels = tower_kernels(model)
+    saturations = [float(kernel_saturation(k).mean()) for k in kernels]
     rows, cols = grid_shape(len(kernels[0]))
-    fig = _figure(len(kernels) * max(0.6 * cols, 3.2) + 0.8, max(0.6 * rows, 2.0) + 1.5)
+    width = max(0.6 * cols, 3.2)  # inches per tower
+    fig = _figure(len(kernels) * (width + 0.6), width * rows / cols + 1.6)
+    fig.get_layout_engine().set(wspace=0.06)
     axes = fig.subplots(1, len(kernels), squeeze=False)[0]
-    for tower, (ax, k) in enumerate(zip(axes, kernels)):
-        _draw_tower(ax, k, tower)
+    for tower, (ax, k, saturation) in enumerate(zip(axes, kernels, saturations)):
+        _draw_tower(ax, k, tower, saturation)
     fig.suptitle(f"conv1 kernels, each min-max normalised ({label})", fontsize=12)
-    fig.text(0.5, 0.01, "kernel index = row label + column label;  saturation = mean over pixels of "
-             "max(R,G,B) - min(R,G,B)", ha="center", fontsize=8, color="0.35")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.supxlabel("kernel index = row label + column label;  saturation = mean over pixels of "
+                  "max(R,G,B) - min(R,G,B)", fontsize=8, color="0.35")
     fig.savefig(path)
-    return [float(kernel_saturation(k).mean()) for k in kernels]
+    return saturations
 
 
 def _series(records: list[Record], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -266,8 +285,11 @@ def _loss_panel(ax: Axes, train: list[Record], val: list[Record]) -> None:
 def _lr_panel(ax: Axes, train: list[Record]) -> None:
     steps, lr = _series(train, "lr")
     ax.plot(steps, lr, color="C2", lw=1.5)
-    if len(lr) and lr.min() > 0 and lr.max() >= 10 * lr.min():
+    # Log scale for drops by 10 (the paper's schedule); linear for warm-up, cosine to 0.
+    if len(lr) and lr.min() > 0 and 10 * lr[lr.argmax():].min() <= lr.max():
         ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
     ax.set(title="learning rate", ylabel="lr")
 
 
@@ -278,11 +300,12 @@ def _accuracy_panel(ax: Axes, val: list[Record]) -> None:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no validation records yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylim(0, 1.02)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set(title="validation accuracy", ylabel="accuracy")
 
 
-def plot_curves(train: list[Record], val: list[Record], path: Path, label: str) -> None:
+def plot_curves(train: list[Record], val: list[Record], path: Path, name: str) -> None:
     """Loss, learning rate, top-1 and top-5 against step, three panels side by side."""
     fig = _figure(15, 4.4)
     loss_ax, lr_ax, acc_ax = fig.subplots(1, 3, sharex=True)
@@ -291,19 +314,28 @@ def plot_curves(train: list[Record], val: list[Record], path: Path, label: str) 
     _accuracy_panel(acc_ax, val)
     for ax in (loss_ax, lr_ax, acc_ax):
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{label}: {len(train)} training and {len(val)} validation records", fontsize=12)
-    fig.tight_layout()
+    last = max(r["step"] for r in train + val)
+    fig.suptitle(f"{name}: to step {last}, {len(train)} training and {len(val)} validation records", fontsize=12)
     fig.savefig(path)
 
 
 def _bench_rows(result: dict[str, Any]) -> dict[str, float]:
     rows = {name: float(r["images_per_sec"]) for name, r in result.get("variants", {}).items()}
-    rows = rows or {result["what"]: float(result["images_per_sec"])}
+    rows = rows or {"project": float(result["images_per_sec"])}
     baseline = result.get("baseline_images_per_sec")
     if baseline is not None and float(baseline) not in rows.values():
         rows["baseline"] = float(baseline)
     return rows
+
+
+def _bench_label(name: str, value: float, result: dict[str, Any]) -> tuple[str, str]:
+    """(bar label, colour): the project's headline variant blue, the baseline grey."""
+    for role, key, colour in (("project", "images_per_sec", "C0"), ("baseline", "baseline_images_per_sec", "0.6")):
+        if value == result.get(key):
+            return (name if name == role else f"{name} ({role})"), colour
+    return name, "#9ecae1"
 
 
 def plot_bench(result: dict[str, Any], path: Path) -> None:
@@ -313,9 +345,7 @@ def plot_bench(result: dict[str, Any], path: Path) -> None:
     the title gives their ratio when the result has a baseline.
     """
     rows = _bench_rows(result)
-    ours, baseline = float(result["images_per_sec"]), result.get("baseline_images_per_sec")
-    names = [f"{n} (project)" if v == ours else f"{n} (baseline)" if v == baseline else n for n, v in rows.items()]
-    colours = ["C0" if v == ours else "0.6" if v == baseline else "#9ecae1" for v in rows.values()]
+    names, colours = zip(*(_bench_label(n, v, result) for n, v in rows.items()))
     fig = _figure(8, 1.4 + 0.55 * len(rows))
     ax = fig.subplots()
     bars = ax.barh(names, list(rows.values()), color=colours)
@@ -324,11 +354,10 @@ def plot_bench(result: dict[str, Any], path: Path) -> None:
     ax.margins(x=0.15)
     ax.set_xlabel("images / s")
     title = f"bench {result['what']}"
-    if baseline:
-        title += f": project / baseline = {ours / float(baseline):.2f}x"
+    if result.get("baseline_images_per_sec"):
+        title += f": project / baseline = {result['images_per_sec'] / result['baseline_images_per_sec']:.2f}x"
     ax.set_title(title + (f"\n{result['device']}" if "device" in result else ""), fontsize=11)
     ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
     fig.savefig(path)
 
 
@@ -342,25 +371,24 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _draw(source: Source, metrics: tuple[list[Record], list[Record]] | None, out: Path) -> None:
+def _draw(source: Source, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     saturations = plot_filters(source.model, out / "filters.png", source.label)
     for tower, s in enumerate(saturations):
         print(f"tower {tower}: mean conv1 saturation {s:.3f}")
     print(f"wrote {out / 'filters.png'}")
-    if metrics is None:
+    if source.metrics is None:
         print("skipped curves.png: a model file has no metrics (give the run directory)")
         return
-    plot_curves(*metrics, out / "curves.png", source.label)
+    plot_curves(*source.metrics, out / "curves.png", source.name)
     print(f"wrote {out / 'curves.png'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
-        metrics = read_metrics(args.path / METRICS) if args.path.is_dir() else None
         source = load_source(args.path)
-        _draw(source, metrics, args.out or (args.path if args.path.is_dir() else args.path.parent))
+        _draw(source, args.out or (args.path if args.path.is_dir() else args.path.parent))
     except VizError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
