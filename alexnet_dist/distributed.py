@@ -3,7 +3,7 @@
 Sources, first match wins:
 
 * ``RANK``/``WORLD_SIZE`` (DeepSpeed's launcher, torchrun, ``deepspeed --launcher ...``);
-* SLURM's ``SLURM_PROCID``/``SLURM_NTASKS`` (``srun`` in ``launch/slurm.sbatch``);
+* SLURM's ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS`` in an ``srun`` step (``launch/slurm.sbatch``);
 * MPI (``mpirun -n N python train.py``): ranks from mpi4py, rank 0's address and a
   free port broadcast over MPI;
 * nothing: one process holding both towers.
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 __all__ = ["LaunchInfo", "discover", "free_port", "init_distributed", "is_rank0", "rank0", "spawn_ranks"]
 
-MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID")
+MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 
 
 @dataclass(frozen=True)
@@ -77,16 +77,20 @@ def discover() -> LaunchInfo:
             int(env.get("MASTER_PORT", 29500)),
             "env",
         )
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+    mpi_rank = next((env[v] for v in MPI_RANK_VARS if v in env), None)
+    # Only a task of an srun step is a SLURM rank (the batch script itself also sees
+    # SLURM_PROCID=0); mpirun inside an allocation sets its own ranks, which then win.
+    in_step = "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1
+    if in_step and mpi_rank in (None, env["SLURM_PROCID"]):
         return LaunchInfo(
             int(env["SLURM_PROCID"]),
-            int(env["SLURM_NTASKS"]),
+            int(env["SLURM_STEP_NUM_TASKS"]),
             int(env.get("SLURM_LOCALID", 0)),
             env.get("MASTER_ADDR") or _slurm_master(env["SLURM_JOB_NODELIST"]),
             int(env.get("MASTER_PORT", 29500)),
             "slurm",
         )
-    if any(v in env for v in MPI_RANK_VARS):
+    if mpi_rank is not None:
         return _from_mpi()
     return LaunchInfo(0, 1, 0, "127.0.0.1", 0, "single")
 

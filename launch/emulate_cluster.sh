@@ -16,7 +16,8 @@
 #
 # After `up`, `. WORKDIR/env.sh` gives: PATH with an `ssh` that knows the nodes,
 # PDSH_RCMD_TYPE=ssh, DS_ENV_FILE (the .deepspeed_env DeepSpeed's launcher exports
-# on every node) and CLUSTER_HOSTFILE (DeepSpeed hostfile, 2 slots per node).
+# on every node) and CLUSTER_HOSTFILE (DeepSpeed hostfile, $SLOTS slots per node,
+# default 2: one tower pair).
 set -euo pipefail
 
 SUBNET_PREFIX=10.231          # /16 reserved for these test clusters
@@ -32,21 +33,20 @@ usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 cmd_down() {
   local wd=$1 state=$1/cluster.state
   [ -f "$state" ] || return 0
-  # shellcheck disable=SC1090
+  # shellcheck disable=SC1090  # written by cmd_up: BRIDGE, NETNS, NODES, SUBNET
   . "$state"
-  local ns pids sig
+  local ns sig i
+  local -a pids
   for sig in TERM KILL; do
-    pids=""
-    for ns in $NETNS; do
-      pids+=" $(ip netns pids "$ns" 2>/dev/null || true)"
-    done
-    pids=$(echo $pids)
-    [ -z "$pids" ] && break
-    kill -s "$sig" $pids 2>/dev/null || true
-    # Give TERM a moment (sshd and python exit quickly), then KILL what is left.
-    [ "$sig" = TERM ] && for _ in 1 2 3 4 5 6 7 8 9 10; do
-      pids=$(for ns in $NETNS; do ip netns pids "$ns" 2>/dev/null || true; done)
-      [ -z "$pids" ] && break
+    # Give TERM up to 2 s (sshd and python exit at once), then KILL what is left.
+    for i in $(seq 1 10); do
+      pids=()
+      for ns in $NETNS; do
+        mapfile -t -O "${#pids[@]}" pids < <(ip netns pids "$ns" 2>/dev/null || true)
+      done
+      [ "${#pids[@]}" -eq 0 ] && break 2
+      [ "$i" -eq 1 ] && { kill -s "$sig" "${pids[@]}" 2>/dev/null || true; }
+      [ "$sig" = KILL ] && break
       sleep 0.2
     done
   done
@@ -57,9 +57,21 @@ cmd_down() {
 }
 
 # ---------------------------------------------------------------- up
+# EXIT trap of `up`: a failed start leaves nothing behind.
+up_exit() {
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "emulate_cluster.sh: up failed, tearing down" >&2
+    cmd_down "$UP_WD"
+  fi
+  exit "$rc"
+}
+
 cmd_up() {
   local n=$1 wd=$2
-  [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 250 ] || die "N must be 1..250, got '$n'"
+  if ! [[ "$n" =~ ^[0-9]+$ ]] || [ "$n" -lt 1 ] || [ "$n" -gt 250 ]; then
+    die "N must be 1..250, got '$n'"
+  fi
   [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, sshd)"
   local tool
   for tool in ip unshare nsenter ssh ssh-keygen pdsh "$SSHD"; do
@@ -82,7 +94,9 @@ cmd_up() {
   # State first, so that a failure from here on can be cleaned up by `down`.
   printf 'BRIDGE=%s\nNETNS="%s"\nNODES=%s\nSUBNET=%s\n' \
     "$bridge" "${netns# }" "$n" "$SUBNET_PREFIX.$x" >"$wd/cluster.state"
-  trap 'echo "emulate_cluster.sh: up failed, tearing down" >&2; cmd_down "$wd"' ERR
+  UP_WD=$wd   # global: the EXIT trap runs after this function has returned
+  # Any failure from here on (set -e or die) leaves nothing behind.
+  trap up_exit EXIT
 
   local net=$SUBNET_PREFIX.$x
   ip addr add "$net.1/24" dev "$bridge"      # the host's own leg: ssh/pdsh from here
@@ -95,8 +109,11 @@ cmd_up() {
   ssh-keygen -q -t ed25519 -N "" -C "emulated-cluster" -f "$wd/ssh/id_ed25519"
   cp "$wd/ssh/id_ed25519.pub" "$wd/ssh/authorized_keys"
 
+  # The host itself is the "login node" on the bridge address: mpirun (hydra) run
+  # here makes its proxies on the nodes connect back to `hostname`.
   {
     echo "127.0.0.1 localhost"
+    echo "$net.1 $(hostname)"
     for k in $(seq 1 "$n"); do echo "$net.$((k + 1)) node$k"; done
   } >"$wd/hosts"
 
@@ -172,11 +189,11 @@ EOF
     echo "PATH=$wd/bin:$PATH"
     local v
     for v in VIRTUAL_ENV TORCH_EXTENSIONS_DIR OMP_NUM_THREADS; do
-      [ -n "${!v:-}" ] && echo "$v=${!v}"
+      if [ -n "${!v:-}" ]; then echo "$v=${!v}"; fi
     done
   } >"$wd/deepspeed_env"
 
-  for k in $(seq 1 "$n"); do echo "node$k slots=2"; done >"$wd/hostfile"
+  for k in $(seq 1 "$n"); do echo "node$k slots=${SLOTS:-2}"; done >"$wd/hostfile"
 
   cat >"$wd/env.sh" <<EOF
 export PATH="$wd/bin:\$PATH"
@@ -195,7 +212,7 @@ EOF
       sleep 0.2
     done
   done
-  trap - ERR
+  trap - EXIT
   echo "$wd/env.sh"
 }
 
@@ -206,7 +223,9 @@ cmd_exec() {
   local wd=$1 node=$2; shift 2
   [ $# -ge 1 ] || usage
   local pidf=$wd/$node/pid
-  [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null || die "$node is not running in $wd"
+  if ! { [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; }; then
+    die "$node is not running in $wd"
+  fi
   exec nsenter -t "$(cat "$pidf")" -n -u -m --wd="$PWD" -- "$@"
 }
 

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file written by rank 0")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may take")
+    parser.add_argument("--fail-rank", type=int, default=None, help="this rank exits with status 3 after joining")
     # DeepSpeed's launcher appends --local_rank=N; the rank comes from the env anyway.
     args, _ = parser.parse_known_args(argv)
 
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(info, timeout_s=args.timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
 
+    if rank == args.fail_rank:  # a dying rank, for the launchers' failure handling
+        sys.stderr.write(f"toy_dist rank {rank}: failing on purpose\n")
+        os._exit(3)
     total = torch.tensor([float(rank + 1)])
     dist.all_reduce(total)
     me = {"rank": rank, "local_rank": info.local_rank, "host": socket.gethostname(),
