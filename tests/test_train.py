@@ -1,0 +1,117 @@
+"""train.py end to end with real processes on CPU: the launchers, the equivalence
+promise, resume, export and the user errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alexnet_dist.checkpoint import Checkpoints, merged_model_state
+from alexnet_dist.model import AlexNet
+from tests.launch import EXACT, check, losses, records, train
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _close(a: list[float], b: list[float], rel: float = 1e-4) -> None:
+    assert len(a) == len(b), (a, b)
+    for x, y in zip(a, b):
+        assert math.isclose(x, y, rel_tol=rel), (a, b)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, cache):
+    run = tmp_path_factory.mktemp("ds2")
+    check(train("deepspeed", 2, run, *EXACT, "train.max_steps=4", cache=cache))
+    return run
+
+
+def test_deepspeed_two_ranks_writes_the_contract_outputs(two_rank_run):
+    train_lines = records(two_rank_run)
+    assert [r["step"] for r in train_lines] == [1, 2, 3, 4]
+    assert set(train_lines[0]) == {"step", "epoch", "loss", "lr", "images_per_sec"}
+    val = records(two_rank_run, "val")
+    assert val and set(val[-1]) == {"step", "split", "loss", "top1", "top5"}
+    assert 0 <= val[-1]["top1"] <= val[-1]["top5"] <= 1
+    assert (two_rank_run / "config.yaml").is_file()
+    assert Checkpoints(two_rank_run).newest() is not None
+
+
+def test_single_process_equals_two_ranks(two_rank_run, tmp_path, cache):
+    """CONTRACT's promise: both towers in one process compute exactly the 2-rank network."""
+    check(train("python", 1, tmp_path, *EXACT, "train.max_steps=4", cache=cache))
+    _close(losses(tmp_path), losses(two_rank_run))
+
+
+@pytest.mark.slow
+def test_four_ranks_equal_two_ranks_at_the_same_global_batch(two_rank_run, tmp_path, cache):
+    check(train("deepspeed", 4, tmp_path, *EXACT, "train.max_steps=4", "train.micro_batch_size=4", cache=cache))
+    _close(losses(tmp_path), losses(two_rank_run))
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_other_launchers_give_the_same_losses(launcher, two_rank_run, tmp_path, cache):
+    check(train(launcher, 2, tmp_path, *EXACT, "train.max_steps=4", cache=cache))
+    _close(losses(tmp_path), losses(two_rank_run))
+
+
+def test_resume_continues_the_same_loss_sequence(two_rank_run, tmp_path, cache):
+    check(train("deepspeed", 2, tmp_path, *EXACT, "train.max_steps=2", cache=cache))
+    resumed = check(train("deepspeed", 2, tmp_path, *EXACT, "train.max_steps=4", cache=cache))
+    assert "resumed from step 2" in resumed.stdout
+    _close(losses(tmp_path), losses(two_rank_run))
+
+
+def _export_worker(rank: int, world: int, ckpt, x, out) -> None:
+    from alexnet_dist.groups import TowerGroups
+
+    state, meta = merged_model_state(ckpt)
+    g = TowerGroups.from_world()
+    model = AlexNet(meta["num_classes"], meta["width_mult"], 0.0, towers=g.towers, group=g.pair_group)
+    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
+    torch.save(model.eval()(x), out / f"logits{rank}.pt")
+
+
+def test_export_loads_into_alexnet_with_the_same_logits(two_rank_run, tmp_path):
+    from alexnet_dist.export import main as export_main
+    from tests.multiproc import run_ranks
+
+    assert export_main([str(two_rank_run), str(tmp_path / "net.pt")]) == 0
+    model = AlexNet.load(str(tmp_path / "net.pt")).eval()
+    x = torch.randn(3, 3, 64, 64)
+    run_ranks(2, _export_worker, Checkpoints(two_rank_run).newest(), x, tmp_path)
+    want = torch.load(tmp_path / "logits0.pt")
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+    assert export_main([str(tmp_path / "nothing"), str(tmp_path / "x.pt")]) == 2
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["train.nonsense=1"], "unknown config key train.nonsense"),
+    (["train.lr=fast"], "train.lr must be float"),
+    (["data.train_dir=/no/such/folder"], "/no/such/folder"),
+])
+def test_user_errors_are_one_line_and_non_zero(sets, message, tmp_path, cache):
+    result = train("python", 1, tmp_path, *sets, cache=cache, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+
+
+def test_odd_world_size_is_refused(tmp_path, cache):
+    result = train("torchrun", 3, tmp_path, cache=cache, timeout=120)
+    assert result.returncode != 0
+    assert "world size 3 is odd" in result.stderr
+
+
+def test_a_checkpoint_of_another_width_is_refused(two_rank_run, tmp_path, cache):
+    import shutil
+
+    shutil.copytree(two_rank_run / "checkpoints", tmp_path / "checkpoints")
+    result = train("deepspeed", 2, tmp_path, *EXACT, "model.width_mult=0.25", "train.max_steps=6", cache=cache)
+    assert result.returncode != 0
+    assert "was made with width_mult=0.125, this run has width_mult=0.25" in result.stderr
