@@ -286,5 +286,22 @@ def reference_markdown() -> str:
     return "\n".join(rows)
 
 
+README_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
+
+
+def readme_with_reference(text: str) -> str:
+    """``text`` (README.md) with the reference between its markers regenerated."""
+    start, end = README_MARKERS
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{reference_markdown()}\n{end}{tail}"
+
+
 if __name__ == "__main__":
-    sys.stdout.write(reference_markdown() + "\n")
+    # python -m alexnet_dist.config            : print the reference
+    # python -m alexnet_dist.config README.md  : rewrite it between the markers
+    if len(sys.argv) > 1:
+        readme = Path(sys.argv[1])
+        readme.write_text(readme_with_reference(readme.read_text()))
+    else:
+        sys.stdout.write(reference_markdown() + "\n")
