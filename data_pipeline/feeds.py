@@ -1,0 +1,234 @@
+"""The training and validation feeds: DALI decodes, the pair gathers, torch normalises.
+
+A replica's batch is chosen by :mod:`data_pipeline.sampler` from ``(seed, epoch,
+step)`` alone. With one tower per rank (``pair_size`` 2), pair rank ``p`` decodes the
+``p``-th half of that batch and the pair all-gathers the uint8 halves in group-rank
+order, so both towers hold the same bytes, and the batch equals what one process
+holding both towers decodes (``pair_size`` 1). The PCA colour noise and the
+normalisation follow on the device, in float32, cast to ``dtype`` last.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import types
+from collections.abc import Generator, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from alexnet_dist.exchanges import gather_batch
+from data_pipeline.errors import DataError
+from data_pipeline.folder import ImageList, name_some
+from data_pipeline.eigen import load_eigen
+from data_pipeline.sampler import Augmentation, draw_augmentation, epoch_permutation, pca_shift, replica_positions
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TrainFeed", "ValFeed", "load_dali"]
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
+IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
+Eigen = tuple[np.ndarray, np.ndarray]
+
+
+def load_dali() -> types.ModuleType:
+    """:mod:`data_pipeline.pipelines`, importing DALI; DataError with the fix when that fails."""
+    try:
+        from data_pipeline import pipelines
+    except (ImportError, OSError) as e:  # OSError: a DALI wheel whose shared libraries do not load
+        raise DataError(f"NVIDIA DALI is not importable here ({e}): pip install nvidia-dali-cuda130") from None
+    return pipelines
+
+
+class _Feed:
+    """What both feeds share: the pair, the device, the DALI pipeline's life and the normalisation."""
+
+    def __init__(self, images: ImageList, *, pair_rank: int, pair_size: int, pair_group, device: torch.device,
+                 dtype: torch.dtype, image_size: int, resize: int, num_threads: int, prefetch: int) -> None:
+        if pair_size not in (1, 2) or not 0 <= pair_rank < pair_size:
+            raise ValueError(f"pair rank {pair_rank} of {pair_size}: a pair holds 1 or 2 ranks")
+        if pair_size > 1 and pair_group is None:
+            raise ValueError("pair_size 2 needs the pair's process group")
+        self.images, self.pair_rank, self.pair_size, self.pair_group = images, pair_rank, pair_size, pair_group
+        self.device, self.dtype = torch.device(device), dtype
+        self.image_size, self.resize = image_size, resize
+        self._pipeline_args = {"num_threads": num_threads, "prefetch_queue_depth": prefetch}
+        self._pipelines = load_dali()
+        self._scale = torch.tensor(1 / IMAGENET_STD, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._active: Generator | None = None
+
+    def close(self) -> None:
+        """End the running pass, freeing its DALI pipeline (threads and buffers)."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self, batches: Generator) -> Generator:
+        """Make ``batches`` the running pass; one at a time, so at most one pipeline lives."""
+        self.close()
+        self._active = batches
+        return batches
+
+    def _open(self, graph, batches: Iterator, max_batch: int, **graph_args):
+        """A DALI pipeline of ``graph`` over ``batches``."""
+        gpu = self.device.type == "cuda"
+        device_id = None
+        if gpu:
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return graph(batches, gpu=gpu, image_size=self.image_size, resize=self.resize, batch_size=max_batch,
+                     device_id=device_id, **self._pipeline_args, **graph_args)
+
+    def _decode(self, pipe, files: list[str]) -> Tensor:
+        """``pipe``'s next batch (whose files are ``files``) as a uint8 tensor on the device."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        try:
+            (out,) = pipe.run()
+        except RuntimeError as e:  # DALI names the sample's place in the batch, not its file
+            found = re.search(r"sample #(\d+)", str(e))
+            culprit = files[int(found[1])] if found and int(found[1]) < len(files) else f"a batch of {name_some(files)}"
+            raise DataError(
+                f"DALI could not decode {culprit}; set data.scan=true to find broken files before training"
+            ) from None
+        dense = out.as_tensor()
+        local = torch.empty(dense.shape(), dtype=torch.uint8, device=self.device)
+        feed_ndarray(dense, local, cuda_stream=torch.cuda.current_stream(self.device) if local.is_cuda else None)
+        return local
+
+    def _normalise(self, batch: Tensor, shift: np.ndarray) -> Tensor:
+        """``(batch + shift - mean) / std`` in float32, then cast; ``shift`` (n or 1, 3) on the 0..255 scale."""
+        bias = torch.from_numpy(((shift - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32))
+        bias = bias.view(-1, 3, 1, 1).to(self.device)
+        return batch.float().mul_(self._scale).add_(bias).to(self.dtype)
+
+    def _labels(self, indices: np.ndarray) -> Tensor:
+        return torch.from_numpy(self.images.labels[indices]).to(self.device)
+
+    def _read(self, indices: np.ndarray) -> list[np.ndarray]:
+        """The encoded files, as DALI's external source takes them."""
+        out = []
+        for i in indices:
+            try:
+                out.append(np.fromfile(self.images.files[i], dtype=np.uint8))
+            except OSError as e:
+                raise DataError(f"cannot read {self.images.files[i]}: {e.strerror}") from None
+        return out
+
+
+class TrainFeed(_Feed):
+    """A replica's training batches, augmented, identical on both ranks of a pair.
+
+    Global batch ``s`` of epoch ``e`` is ``perm[s*G:(s+1)*G]`` of the epoch's permutation
+    (``G = micro_batch_size * num_replicas``); replica ``r`` takes the ``r``-th
+    ``micro_batch_size`` of it. The last partial global batch is dropped.
+    """
+
+    def __init__(self, images: ImageList, *, micro_batch_size: int, seed: int, augment: bool, replica: int,
+                 num_replicas: int, pair_rank: int, pair_size: int, pair_group, device: torch.device,
+                 dtype: torch.dtype, image_size: int = 224, resize: int = 256, eigen: Eigen | None = None,
+                 num_threads: int = 2, prefetch: int = 2, roi_decode: bool = True) -> None:
+        if micro_batch_size % pair_size:
+            raise DataError(
+                f"train.micro_batch_size ({micro_batch_size}) must be even: each tower of a pair decodes half"
+            )
+        if not 0 <= replica < num_replicas:
+            raise ValueError(f"replica {replica} outside {num_replicas} replicas")
+        global_batch = micro_batch_size * num_replicas
+        if len(images) < global_batch:
+            raise DataError(
+                f"{len(images)} training images under {images.root or 'the list'} are fewer than one global "
+                f"batch ({micro_batch_size} per replica x {num_replicas} replicas)"
+            )
+        super().__init__(images, pair_rank=pair_rank, pair_size=pair_size, pair_group=pair_group, device=device,
+                         dtype=dtype, image_size=image_size, resize=resize, num_threads=num_threads, prefetch=prefetch)
+        self.micro_batch_size, self.seed, self.augment = micro_batch_size, seed, augment
+        self.replica, self.num_replicas, self.roi_decode = replica, num_replicas, roi_decode
+        self.steps_per_epoch = len(images) // global_batch
+        self.eigval, self.eigvec = eigen if eigen is not None else load_eigen(None)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """(images, labels) of steps ``start_step`` .. ``steps_per_epoch - 1`` of ``epoch``.
+
+        Starting another epoch ends this one.
+        """
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside the epoch's {self.steps_per_epoch} steps")
+        return self._start(self._epoch(epoch, start_step))
+
+    def _epoch(self, epoch: int, start_step: int) -> Generator[tuple[Tensor, Tensor]]:
+        order = epoch_permutation(len(self.images), self.seed, epoch)
+        aug = draw_augmentation(len(self.images), self.seed, epoch, self.augment)
+        steps = range(start_step, self.steps_per_epoch)
+        pipe = self._open(self._pipelines.train_pipeline, self._encoded(order, aug, steps),
+                          self.micro_batch_size // self.pair_size, roi_decode=self.roi_decode)
+        for step in steps:
+            positions = self._positions(step)
+            local = self._decode(pipe, [self.images.files[i] for i in order[self._mine(positions)]])
+            batch = gather_batch(local, self.pair_group)
+            shift = 255 * pca_shift(aug.alpha[positions], self.eigval, self.eigvec)
+            yield self._normalise(batch, shift), self._labels(order[positions])
+
+    def _positions(self, step: int) -> np.ndarray:
+        return replica_positions(step, self.micro_batch_size, self.replica, self.num_replicas)
+
+    def _mine(self, positions: np.ndarray) -> np.ndarray:
+        """The half of the replica's positions this rank decodes (all of them without a partner)."""
+        return np.array_split(positions, self.pair_size)[self.pair_rank]
+
+    def _encoded(self, order: np.ndarray, aug: Augmentation, steps: range) -> Iterator[tuple]:
+        """DALI's input per step: this rank's files and their crop and flip parameters."""
+        for step in steps:
+            mine = self._mine(self._positions(step))
+            part = aug.take(mine)
+            yield self._read(order[mine]), part.crop_x, part.crop_y, part.flip
+
+
+class ValFeed(_Feed):
+    """A replica's share of the validation set: every image on exactly one replica, once.
+
+    Replica ``r`` evaluates images ``r, r + R, r + 2R, ...``. A batch's images are split
+    between the pair (the first ``ceil(n / 2)`` to pair rank 0); the shorter half is
+    padded for the gather and the padding cut off before the batch is yielded.
+    """
+
+    def __init__(self, images: ImageList, *, batch_size: int, replica: int, num_replicas: int, pair_rank: int,
+                 pair_size: int, pair_group, device: torch.device, dtype: torch.dtype, image_size: int = 224,
+                 resize: int = 256, views: int = 1, num_threads: int = 2, prefetch: int = 2) -> None:
+        if views not in (1, 10):
+            raise ValueError(f"views must be 1 (centre crop) or 10 (corners, centre and their mirrors), got {views}")
+        super().__init__(images, pair_rank=pair_rank, pair_size=pair_size, pair_group=pair_group, device=device,
+                         dtype=dtype, image_size=image_size, resize=resize, num_threads=num_threads, prefetch=prefetch)
+        self.batch_size, self.views = batch_size, views
+        self._indices = np.arange(len(images))[replica::num_replicas]
+        self.num_images = len(self._indices)
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """(images (n*views) x 3 x S x S, the views of an image consecutive; labels n)."""
+        return self._start(self._batches())
+
+    def _batches(self) -> Generator[tuple[Tensor, Tensor]]:
+        chunks = [self._indices[i:i + self.batch_size] for i in range(0, self.num_images, self.batch_size)]
+        max_half = math.ceil(self.batch_size / self.pair_size)
+        encoded = (self._read(self._mine(chunk)) for chunk in chunks)
+        pipe = self._open(self._pipelines.val_pipeline, encoded, max_half, views=self.views)
+        no_shift = np.zeros((1, 3))
+        for chunk in chunks:
+            local = self._decode(pipe, [self.images.files[i] for i in self._mine(chunk)])
+            local = local.view(-1, 3, self.image_size, self.image_size)
+            # Full halves come first, so the real images are the first n (times views) rows.
+            batch = gather_batch(local, self.pair_group)[: len(chunk) * self.views]
+            yield self._normalise(batch, no_shift), self._labels(chunk)
+
+    def _mine(self, chunk: np.ndarray) -> np.ndarray:
+        """This rank's part of ``chunk``: its first or second half, padded with the chunk's last image
+        to ``ceil(n / 2)`` so that both ranks gather equal tensors."""
+        half = math.ceil(len(chunk) / self.pair_size)
+        part = chunk[self.pair_rank * half:(self.pair_rank + 1) * half]
+        return np.concatenate([part, np.full(half - len(part), chunk[-1])]).astype(np.int64)

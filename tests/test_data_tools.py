@@ -1,0 +1,84 @@
+"""Demo data set, PCA tool, eigen files, benchmark helpers, and a machine without DALI."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_pipeline
+from data_pipeline import DataError, ensure_demo_dataset, list_images, load_eigen
+from data_pipeline.demo import DEMO_CLASSES
+from data_pipeline.eigen import IMAGENET_EIGVAL
+from data_pipeline.pca import main as pca_main
+from data_pipeline.throughput import make_benchmark_photos, measure_pipeline, measure_torchvision_baseline
+from tests.data_fixtures import make_photo_folder, numbered, train_feed
+
+
+def test_demo_dataset_is_made_once_atomically(tmp_path):
+    cache = str(tmp_path / "cache")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_demo_dataset(cache))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and results[0] == results[1]
+    train_dir, val_dir = results[0]
+    assert [name for name in os.listdir(cache) if not name.endswith(".lock")] == ["demo-v1"]  # no temporary copy left
+    train, val = list_images(train_dir), list_images(val_dir)
+    assert train.classes == val.classes == sorted(DEMO_CLASSES)
+    assert len(train) == 300 and len(val) == 100
+    with Image.open(train.files[0]) as im:
+        assert im.size == (500, 375) and im.format == "JPEG"
+    stamp = os.stat(train.files[0]).st_mtime_ns
+    assert ensure_demo_dataset(cache) == (train_dir, val_dir)
+    assert os.stat(train.files[0]).st_mtime_ns == stamp  # not regenerated
+
+
+def test_pca_tool_writes_a_file_load_eigen_reads(tmp_path, capsys):
+    root = make_photo_folder(str(tmp_path / "data"), {"a": 6, "b": 6})
+    out = str(tmp_path / "pca.json")
+    assert pca_main([root, "--out", out, "--images", "10", "--pixels", "200"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    eigval, eigvec = load_eigen(out)
+    assert eigval.shape == (3,) and (np.diff(eigval) <= 0).all() and (eigval >= 0).all()
+    assert np.allclose(eigvec.T @ eigvec, np.eye(3), atol=1e-6)  # orthonormal columns
+    assert json.load(open(out))["images"] == 10
+
+
+def test_pca_tool_and_eigen_errors_are_one_line(tmp_path, capsys):
+    assert pca_main([str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nowhere" in err
+    (tmp_path / "bad.json").write_text('{"eigval": [1, 2]}')
+    with pytest.raises(DataError, match="bad.json"):
+        load_eigen(tmp_path / "bad.json")
+    assert np.allclose(load_eigen(None)[0], IMAGENET_EIGVAL)
+
+
+def test_benchmark_helpers_measure_both_loaders(tmp_path):
+    root = make_benchmark_photos(str(tmp_path / "photos"), 8, size=(96, 72), classes=2)
+    images = list_images(root)
+    with Image.open(images.files[0]) as im:
+        assert im.size == (96, 72)
+    common = dict(batch_size=4, steps=2, warmup=1, image_size=56, resize=64)
+    dali = measure_pipeline(images, num_threads=1, **common)
+    base = measure_torchvision_baseline(images, workers=0, **common)
+    for result in (dali, base):
+        assert result["images_per_sec"] > 0 and result["p95_batch_s"] >= result["median_batch_s"] > 0
+        assert 0 <= result["cpu_time_share"]
+
+
+def test_missing_dali_is_a_one_line_error_with_the_fix(monkeypatch):
+    monkeypatch.delitem(sys.modules, "data_pipeline.pipelines", raising=False)
+    monkeypatch.delattr(data_pipeline, "pipelines", raising=False)
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # what an absent package looks like to import
+    fix = r"^NVIDIA DALI is not importable here \(.*\): pip install nvidia-dali-cuda130$"
+    with pytest.raises(DataError, match=fix):
+        train_feed(numbered(["x.jpg"] * 8))
