@@ -68,6 +68,8 @@ def prepare_images(cfg: Config):
 
     def listed(root):
         images = list_images(root)
+        if images.ignored:
+            say(images.ignored_summary())
         if cfg.data.scan:
             images = scan_and_filter(images, policy=cfg.data.on_bad_file, cache_dir=cache, progress=True)
         return images
@@ -294,6 +296,8 @@ def _run(cfg: Config, device: torch.device) -> None:
     if cfg.run.evaluate_only:
         if trainer.val_feed is None:
             raise ConfigError("run.evaluate_only needs data.val_dir")
+        if trainer.checkpoints.newest() is None:
+            raise CheckpointError(f"run.evaluate_only: no complete checkpoint under {trainer.checkpoints.root}")
         result = trainer.evaluate()
         say_rank0(f"step {trainer.step}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} top5 {result['top5']:.4f}")
         return

@@ -6,16 +6,13 @@ decoding with Pillow, ``Resize(256)``, ``RandomCrop(224)``, ``RandomHorizontalFl
 with one worker per core. Both produce normalised float32 NCHW batches on the CPU
 (or the device, for the feed).
 
-``python -m data_pipeline.throughput`` generates photographs (see
-:func:`make_benchmark_photos`) and alternates the two measurements for a few rounds,
-printing one JSON line per measurement and the ratio of the medians.
+``python -m alexnet_dist.bench data --baseline`` runs both on photographs made by
+:func:`make_benchmark_photos`, alternating them for a few rounds.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import os
 import statistics
 import time
@@ -28,7 +25,7 @@ from PIL import Image
 from torchvision import transforms
 
 from data_pipeline.feeds import IMAGENET_MEAN, IMAGENET_STD, TrainFeed
-from data_pipeline.folder import ImageList, list_images
+from data_pipeline.folder import ImageList
 from data_pipeline.eigen import IMAGENET_EIGVAL, IMAGENET_EIGVEC
 from data_pipeline.photos import photo_crop
 from data_pipeline.sampler import PCA_ALPHA_STD
@@ -144,34 +141,3 @@ def _time_batches(batches: Iterable, batch_size: int, steps: int, warmup: int, s
         "batch_size": batch_size,
         "steps": steps,
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.throughput", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", default="/tmp/alexnet-dist-bench-photos", help="photo folder (made if missing)")
-    parser.add_argument("--photos", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="DALI threads")
-    parser.add_argument("--prefetch", type=int, default=2, help="DALI prefetch queue depth")
-    parser.add_argument("--no-roi", action="store_true", help="decode whole files, resize, then crop")
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: one per core)")
-    args = parser.parse_args(argv)
-    if not os.path.isdir(args.dir):
-        make_benchmark_photos(args.dir, args.photos)
-    images = list_images(args.dir)
-    common = {"batch_size": args.batch, "steps": args.steps, "warmup": args.warmup}
-    ratios = []
-    for _ in range(args.rounds):  # alternate, so that load from other processes hits both alike
-        dali = measure_pipeline(images, num_threads=args.threads, prefetch=args.prefetch, roi_decode=not args.no_roi,
-                                **common)
-        base = measure_torchvision_baseline(images, workers=args.workers, **common)
-        ratios.append(dali["images_per_sec"] / base["images_per_sec"])
-        print(json.dumps(dali), json.dumps(base), sep="\n", flush=True)
-    print(json.dumps({"ratio_median": statistics.median(ratios), "ratios": [round(r, 3) for r in ratios]}))
-
-
-if __name__ == "__main__":
-    main()
