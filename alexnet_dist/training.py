@@ -214,25 +214,28 @@ class Trainer:
             return
         progress = Progress(self.total_steps, self.step, cfg.run.log_every)
         batches = self.micro_batches()
-        losses, first, t0, waited = [], self.step, time.perf_counter(), 0.0
+        # Since the last report: step losses, first step, start time, seconds spent outside
+        # training (evaluation, checkpoints), seconds waiting for data.
+        losses, first, start, paused, waited = [], self.step, time.perf_counter(), 0.0, 0.0
         try:
             while self.step < self.total_steps:
                 loss, wait = self.train_step(batches)
                 losses.append(loss)
                 waited += wait
                 self.step += 1
-                boundary = self.step % cfg.run.log_every == 0 or self.step == self.total_steps
-                if boundary:
-                    self._report(losses, first, time.perf_counter() - t0, waited, progress)
-                    losses, first, t0, waited = [], self.step, time.perf_counter(), 0.0
+                if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
+                    self._report(losses, first, time.perf_counter() - start - paused, waited, progress)
+                    losses, first, start, paused, waited = [], self.step, time.perf_counter(), 0.0, 0.0
                     if exchanges.any_rank(self.stop_requested, self.device):
                         progress.note(f"stop requested: checkpoint at step {self.step}, then exit")
                         self.save()
                         return
+                t0 = time.perf_counter()
                 if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
                     self._end_epoch(progress)
                 elif cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                     self.save()
+                paused += time.perf_counter() - t0
         finally:
             progress.close()
 

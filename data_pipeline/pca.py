@@ -37,7 +37,7 @@ def compute_eigen(
     jobs = [(images.files[i], pixels_per_image, s) for i, s in zip(chosen, seeds)]
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
         results = pool.map(_sample_pixels, *zip(*jobs))
-        bar = tqdm(results, total=len(jobs), desc="PCA pixels", unit="img", disable=not progress)
+        bar = tqdm(results, total=len(jobs), desc="PCA pixels", unit="img", disable=None if progress else True)  # no bar when not on a terminal
         samples = [p for p in bar if p is not None]
     if not samples:
         raise DataError(f"none of the {len(jobs)} sampled images under {images.root} could be decoded")

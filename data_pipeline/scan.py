@@ -91,7 +91,7 @@ def _scan(files: list[str], cache_path: str, workers: int | None, progress: bool
         todo = np.flatnonzero((cached_stamps != stamps).any(axis=1))
         reasons: list[str | None] = [bad.get(f) for f in files]
         checked = pool.map(check_image, [files[i] for i in todo])
-        bar = tqdm(checked, total=len(todo), desc="scanning images", unit="file", disable=not progress)
+        bar = tqdm(checked, total=len(todo), desc="scanning images", unit="file", disable=None if progress else True)  # no bar when not on a terminal
         for i, reason in zip(todo, bar):
             reasons[i] = reason
     if len(todo):
