@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from alexnet_dist.exchanges import PendingExchange, gather_logits, start_gather_from_towers
 from alexnet_dist.topology import NUM_TOWERS
 
-__all__ = ["AlexNet", "CrossTower", "LocalResponseNorm", "Tower", "TowerDropout", "class_split"]
+__all__ = ["AlexNet", "CrossTower", "LocalResponseNorm", "Tower", "TowerDropout", "class_split", "memory_format_for"]
 
 # Per-tower widths at width_mult=1 (the paper's figure 2).
 CONV_WIDTHS = (48, 128, 192, 192, 128)
@@ -120,6 +120,11 @@ def class_split(num_classes: int) -> tuple[int, ...]:
     """
     first = math.ceil(num_classes / NUM_TOWERS)
     return (first, num_classes - first)
+
+
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """NHWC on GPUs (what their convolution kernels want); the default layout on CPUs."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def _scaled(width: int, width_mult: float) -> int:

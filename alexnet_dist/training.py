@@ -24,7 +24,7 @@ from alexnet_dist.config import Config, ConfigError, deepspeed_config, load_conf
 from alexnet_dist.distributed import discover, init_distributed, is_rank0
 from alexnet_dist.groups import TowerGroups
 from alexnet_dist.metrics import MetricsLog, Progress, say
-from alexnet_dist.model import AlexNet
+from alexnet_dist.model import AlexNet, memory_format_for
 from alexnet_dist.schedule import LRSchedule
 from alexnet_dist.topology import Topology
 
@@ -120,9 +120,11 @@ class Trainer:
         self.global_batch = t.micro_batch_size * t.grad_accum * g.topology.data_parallel_size
 
         model = AlexNet(self.num_classes, cfg.model.width_mult, cfg.model.dropout, cfg.model.init,
-                        towers=g.towers, group=g.pair_group, seed=t.seed)
+                        towers=g.towers, group=g.pair_group, seed=t.seed, exchange_chunks=t.exchange_chunks)
         for p in model.parameters():
             p.model_parallel = True  # towers hold disjoint weights: clipping sums norms over the pair
+        self.memory_format = memory_format_for(device)
+        model = model.to(memory_format=self.memory_format)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=deepspeed_config(cfg, g.topology.data_parallel_size),
@@ -188,7 +190,7 @@ class Trainer:
             x, y = next(batches)
             waited += time.perf_counter() - t0
             self.engine.module.reseed_dropout(self.cfg.train.seed, self.groups.replica, self.step * accum + micro)
-            loss = F.cross_entropy(self.engine(x).float(), y)
+            loss = F.cross_entropy(self.engine(x.contiguous(memory_format=self.memory_format)).float(), y)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())

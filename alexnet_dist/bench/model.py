@@ -2,7 +2,9 @@
 
 Variants, each on its own freshly spawned ranks, at the same global batch:
 
-* ``tower_parallel``: this project, one tower per rank (the pair exchanges activations);
+* ``tower_parallel``: this project, one tower per rank (the pair exchanges activations),
+  with ``train.exchange_chunks`` chunks; ``tower_parallel_no_overlap`` beside it when
+  that is above 1 (every exchange waited for at once);
 * ``single_process``: both towers in one process (the reference layout);
 * ``ddp_torchvision`` (``--baseline``): torchvision's single-tower AlexNet under plain DDP,
   the global batch split over the ranks (all-reduces every gradient each step);
@@ -12,6 +14,7 @@ Variants, each on its own freshly spawned ranks, at the same global batch:
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from pathlib import Path
@@ -26,7 +29,7 @@ from alexnet_dist.config import Config
 from alexnet_dist.distributed import spawn_ranks
 from alexnet_dist.exchanges import EXCHANGE_COUNTER
 from alexnet_dist.groups import TowerGroups
-from alexnet_dist.model import CONV_WIDTHS, FC_WIDTH, POOLED, AlexNet, LocalResponseNorm
+from alexnet_dist.model import CONV_WIDTHS, FC_WIDTH, POOLED, AlexNet, LocalResponseNorm, memory_format_for
 
 __all__ = ["bench_model", "grouped_alexnet_layers"]
 
@@ -43,7 +46,7 @@ def _batch(cfg: Config, n: int, num_classes: int, seed: int) -> tuple[torch.Tens
     x = torch.randn(n, 3, size, size, generator=g)
     y = torch.randint(0, num_classes, (n,), generator=g)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-    return x.to(_device(), dtype).contiguous(memory_format=torch.channels_last), y.to(_device())
+    return x.to(_device(), dtype).contiguous(memory_format=memory_format_for(_device())), y.to(_device())
 
 
 def _sgd(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -53,7 +56,7 @@ def _sgd(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 def _prepare(model: nn.Module, cfg: Config) -> nn.Module:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-    return model.to(_device(), dtype).to(memory_format=torch.channels_last)
+    return model.to(_device(), dtype).to(memory_format=memory_format_for(_device()))
 
 
 def _sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
@@ -75,7 +78,8 @@ def _finish(rank: int, times: list[float], images_per_step: int, out: Path, extr
 def _tower_parallel(rank: int, world: int, cfg: Config, num_classes: int, steps: int, warmup: int, out: Path) -> None:
     g = TowerGroups.from_world()
     model = _prepare(AlexNet(num_classes, cfg.model.width_mult, cfg.model.dropout, cfg.model.init,
-                             towers=g.towers, group=g.pair_group, seed=0), cfg)
+                             towers=g.towers, group=g.pair_group, seed=0,
+                             exchange_chunks=cfg.train.exchange_chunks), cfg)
     per_replica = cfg.train.micro_batch_size
     x, y = _batch(cfg, per_replica, num_classes, seed=g.replica)  # both towers of a replica: same images
     step = _sgd_step(model, _sgd(model, cfg), x, y)
@@ -163,6 +167,10 @@ def bench_model(cfg: Config, ranks: int, baseline: bool, steps: int, warmup: int
     variants = {}
     for name in names:
         variants[name] = _run_variant(name, 1 if name == "single_process" else ranks, cfg, num_classes, steps, warmup)
+    if cfg.train.exchange_chunks > 1:
+        no_overlap = copy.deepcopy(cfg)
+        no_overlap.train.exchange_chunks = 1
+        variants["tower_parallel_no_overlap"] = _run_variant("tower_parallel", ranks, no_overlap, num_classes, steps, warmup)
     ours = variants["tower_parallel"]
     result = dict(what="model", images_per_sec=ours["images_per_sec"], world_size=ranks,
                   exchange_bytes_per_image=ours["exchange_bytes_per_image"], variants=variants,
