@@ -57,12 +57,15 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         half = self.size // 2
-        window = 2 * half + 1
-        # Sum of squares over the channel window: an average pool over a dummy depth
-        # axis, zero-padded at the channel ends, times the window length.
-        sq = F.pad(x.square().unsqueeze(1), (0, 0, 0, 0, half, half))  # N x 1 x C+2h x H x W
-        summed = F.avg_pool3d(sq, (window, 1, 1), stride=1).squeeze(1) * window
-        return x / (self.k + self.alpha * summed).pow(self.beta)
+        # Sum of squares over the channel window as a difference of running sums: linear
+        # work forwards and backwards (a pooling over channels costs 3x more on CPUs).
+        running = F.pad(x.square(), (0, 0, 0, 0, half + 1, half)).cumsum(1)  # N x C+2h+1 x H x W
+        window = running[:, 2 * half + 1:] - running[:, : x.shape[1]]
+        denom = self.k + self.alpha * window
+        if self.beta == 0.75:  # the paper's: d^-0.75 = d^-0.5 * d^-0.25, two cheap roots instead of pow
+            inv = denom.rsqrt()
+            return x * inv * inv.sqrt()
+        return x / denom.pow(self.beta)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
