@@ -49,10 +49,11 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = ["| variant | images/s | median step s | p95 step s | exchange B/image | peak MiB/rank |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         mem = r.get("peak_memory_mb_per_rank", [])
+        median = r.get("median_step_s", r.get("median_batch_s", float("nan")))  # data mode: a step is a batch
+        p95 = r.get("p95_step_s", r.get("p95_batch_s", float("nan")))
         lines.append(
-            f"| {name} | {r.get('images_per_sec', float('nan')):.1f} | {r.get('median_step_s', float('nan')):.3f} "
-            f"| {r.get('p95_step_s', float('nan')):.3f} | {r.get('exchange_bytes_per_image', 0):.0f} "
-            f"| {', '.join(f'{m:.0f}' for m in mem)} |"
+            f"| {name} | {r.get('images_per_sec', float('nan')):.1f} | {median:.3f} | {p95:.3f} "
+            f"| {r.get('exchange_bytes_per_image', 0):.0f} | {', '.join(f'{m:.0f}' for m in mem)} |"
         )
     if "baseline_images_per_sec" in result:
         lines.append(f"\nratio (project / baseline): {result['images_per_sec'] / result['baseline_images_per_sec']:.2f}x")
