@@ -240,7 +240,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     return _build(Config, _merge(values, parse_overrides(list(overrides))), "").validate()
 
 

@@ -21,6 +21,7 @@ preempted job working.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -45,8 +46,8 @@ _PREFIX = "alexnet_dist/faults/"
 
 # What gloo, the c10d store and TCP say when a peer or the store is gone or silent.
 _COLLECTIVE_PATTERNS = re.compile(
-    r"gloo|connection (closed|reset|refused)|broken pipe|timed out|timeout|socket|recv|send|"
-    r"clients joined|failed to (connect|recv|send)|peer",
+    r"gloo|c10d|connection (closed|reset|refused)|broken pipe|timed? ?out|socket|clients joined|"
+    r"failed to (connect|recv|send)|by peer",
     re.IGNORECASE,
 )
 _TORCH_WRITE_FAILURE = re.compile(r"PytorchStreamWriter|inline_container|unexpected pos|file write failed", re.I)
@@ -247,33 +248,37 @@ def _dead_on_this_host() -> set[int]:
     return {r.rank for r in _state.roster if r.host == host and r.rank != _state.rank and not _pid_alive(r.pid)}
 
 
-def _post_and_collect(dead: set[int], window: float) -> tuple[set[int], set[int], bool]:
+def _post_and_collect(seen_dead: set[int], window: float) -> tuple[set[int], set[int], bool]:
     """Tell the other survivors what this rank saw; gather theirs for up to ``window`` s.
 
-    Returns (dead ranks anyone saw, ranks that reported, whether the store answered).
+    Returns (dead ranks, ranks that reported, whether the store answered). A rank that
+    reported is a survivor, even if it has exited since (it stopped because of the
+    failure, it did not cause it): only ranks that never reported count as dead.
     Global rank 0 hosts the store: it waits until every rank that is not known dead
     reported, so the others can still read; the others stop as soon as a dead rank is named.
     """
     store = _state.store
     if store is None:
-        return dead, set(), False
+        return seen_dead, set(), False
     try:
         store.set_timeout(timedelta(seconds=2))
-        store.set(f"{_PREFIX}report/{_state.rank}", json.dumps(sorted(dead)))
+        store.set(f"{_PREFIX}report/{_state.rank}", json.dumps(sorted(seen_dead)))
     except Exception:
-        return dead, set(), False
-    reported, deadline = {_state.rank}, time.monotonic() + window
+        return seen_dead, set(), False
+    reports: dict[int, set[int]] = {_state.rank: set(seen_dead)}
+    deadline = time.monotonic() + window
+    everyone = set(range(_state.world_size))
     while True:
         try:
-            for r in range(_state.world_size):
+            for r in everyone - set(reports):
                 key = f"{_PREFIX}report/{r}"
-                if r not in reported and store.check([key]):
-                    reported.add(r)
-                    dead |= set(json.loads(store.get(key)))
-        except Exception:
-            return dead, reported, False  # the store (rank 0) is gone
-        settled = (reported | dead) >= set(range(_state.world_size))
-        if settled or time.monotonic() > deadline or (dead and _state.rank != 0):
+                if store.check([key]):
+                    reports[r] = set(json.loads(store.get(key)))
+        except Exception:  # the store (rank 0) is gone
+            return set().union(*reports.values()) - set(reports), set(reports), False
+        reported = set(reports)
+        dead = set().union(*reports.values()) - reported
+        if (reported | dead) >= everyone or time.monotonic() > deadline or (dead and _state.rank != 0):
             return dead, reported, True
         time.sleep(0.1)
 
@@ -335,7 +340,10 @@ def _disk_full(chain: list[BaseException]) -> str | None:
     if full is None and (free is None or free >= LOW_SPACE_BYTES):
         return None  # a torch write that failed for another reason: keep its traceback
     done, partial = _checkpoint_dirs()
-    what = f"checkpoint {partial}" if partial else (f"{full.filename}" if full is not None and full.filename else "a file")
+    if full is not None and full.filename and "checkpoints" not in Path(str(full.filename)).parts:
+        what = str(full.filename)  # metrics.jsonl, config.yaml, ...
+    else:
+        what = f"checkpoint {partial}" if partial else "a checkpoint"
     kept = (f"the newest complete checkpoint {done} is intact and a restart resumes from it" if done
             else "there is no complete checkpoint yet")
     space = f"{_size(free)} free" if free is not None else "free space unknown"
@@ -364,14 +372,19 @@ def describe_failure(exc: BaseException) -> str | None:
         return None
     text = " ".join(str(e) for e in chain)
     cause = _first_line(next(e for e in chain if isinstance(e, RuntimeError)))
-    joined = re.search(r"(\d+)/(\d+) clients joined", text)
-    if joined:
+    if not dist.is_initialized():  # init_process_group failed: the rendezvous at the start of the job
+        if not re.search(r"timed? ?out|timeout", text, re.I):
+            return f"the ranks could not connect to each other at the start of the job ({cause})"
+        joined = re.search(r"(\d+)/(\d+) clients joined", text)
+        who = f"only {joined.group(1)} of {joined.group(2)} ranks" if joined else "not every rank"
         master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        return (f"only {joined.group(1)} of {joined.group(2)} ranks reached the rendezvous at {master} in time: "
-                "the others never started (a host in the hostfile that cannot be reached, a launcher that "
-                "failed on some node, or the wrong master address); see the launcher's output above")
-    if not _state.roster:
-        return f"a collective failed before the ranks were registered: {cause}"
+        return (f"{who} reached the rendezvous at {master} within run.collective_timeout_s: the others never "
+                "started (a host in the hostfile that cannot be reached, a launcher that failed on some node, "
+                "or the wrong master address); see the launcher's output above")
+    if not _state.roster:  # register_rank was not called: no pids to check, the store still helps
+        _state.rank, _state.world_size = dist.get_rank(), dist.get_world_size()
+        with contextlib.suppress(Exception):
+            _state.store = _state.store or dist.distributed_c10d._get_default_store()
     dead = _dead_on_this_host()
     dead, reported, store_ok = _post_and_collect(dead, REPORT_WINDOW_S)
     tail = "every rank stops; start the job again to resume from the newest complete checkpoint"
@@ -394,7 +407,10 @@ def describe_failure(exc: BaseException) -> str | None:
 def report_failure(exc: BaseException, where: str) -> int:
     """For ``main()``'s last ``except Exception``: print ``error <where>: <line>`` on stderr
     and return 1; re-raise ``exc`` when it is not a failure this module recognises."""
-    reason = describe_failure(exc)
+    try:
+        reason = describe_failure(exc)
+    except Exception:  # describing must never hide the failure itself
+        reason = None
     if reason is None:
         raise exc
     sys.stderr.write(f"error {where}: {reason}\n")

@@ -9,6 +9,8 @@ only, so each tower is averaged with its own replicas and never with the other t
 
 from __future__ import annotations
 
+import datetime
+
 import torch.distributed as dist
 
 from alexnet_dist.topology import Topology
@@ -24,7 +26,10 @@ class TowerGroups:
     group (a plain single process) every group is ``None``.
     """
 
-    def __init__(self, topology: Topology, rank: int) -> None:
+    def __init__(self, topology: Topology, rank: int, timeout_s: float | None = None) -> None:
+        # new_group does not inherit the default group's timeout (it gets torch's 30
+        # minutes): without this a hung partner holds a pair for half an hour.
+        self._timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         self.topology = topology
         self.rank = rank
         self.towers = topology.towers_of(rank)
@@ -39,20 +44,20 @@ class TowerGroups:
         )
 
     @classmethod
-    def from_world(cls) -> TowerGroups:
-        """Groups for the initialised default process group (or one process without it)."""
+    def from_world(cls, timeout_s: float | None = None) -> TowerGroups:
+        """Groups for the initialised default process group (or one process without it);
+        ``timeout_s`` bounds their collectives."""
         if not dist.is_initialized():
             return cls(Topology(1), 0)
-        return cls(Topology(dist.get_world_size()), dist.get_rank())
+        return cls(Topology(dist.get_world_size()), dist.get_rank(), timeout_s)
 
-    @staticmethod
-    def _build(all_ranks: list[tuple[int, ...]], mine: tuple[int, ...]) -> dist.ProcessGroup | None:
+    def _build(self, all_ranks: list[tuple[int, ...]], mine: tuple[int, ...]) -> dist.ProcessGroup | None:
         """Create every group in ``all_ranks`` (collectively) and return the one holding this rank."""
         found = None
         if not dist.is_initialized():
             return found
         for ranks in all_ranks:
-            group = dist.new_group(list(ranks))
+            group = dist.new_group(list(ranks), timeout=self._timeout)
             if ranks == mine:
                 found = group
         return found

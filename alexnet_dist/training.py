@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from alexnet_dist import exchanges
+from alexnet_dist import exchanges, faults
 from alexnet_dist.checkpoint import CheckpointError, Checkpoints
 from alexnet_dist.config import Config, ConfigError, deepspeed_config, load_config
 from alexnet_dist.distributed import discover, init_distributed, is_rank0
@@ -86,7 +86,7 @@ class Trainer:
         from data_pipeline import TrainFeed, ValFeed, load_eigen
 
         self.cfg, self.device = cfg, device
-        self.groups = g = TowerGroups.from_world()
+        self.groups = g = TowerGroups.from_world(cfg.run.collective_timeout_s)
         self.topology: Topology = g.topology
         t = cfg.train
         if g.topology.tower_parallel_size > 1 and t.micro_batch_size % 2:
@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         Topology(info.world_size)
         device = init_distributed(info, cfg.run.collective_timeout_s)
+        faults.register_rank(cfg.run.dir)
         _shared_from_rank0(lambda: _write_resolved_config(cfg))
         _run(cfg, device)
     except UserError:
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ValueError, _data_error_type()) as e:
         say(f"error {where}: {e}", sys.stderr)
         return 2
+    except Exception as e:  # a rank gone, a collective timed out, a full disk: one line; anything else re-raised
+        return faults.report_failure(e, where)
     except KeyboardInterrupt:
         say(f"error {where}: interrupted", sys.stderr)
         return 130

@@ -1,0 +1,200 @@
+"""The real train.py on an emulated 2-node cluster (network namespaces + sshd, root, CI)
+and on a one-machine SLURM:
+
+* ``deepspeed --hostfile`` (pdsh over ssh) and ``mpirun`` across node1 and node2, two
+  ranks each, give the losses of the same job on one node (``deepspeed --num_gpus 4``);
+* ``sbatch launch/slurm.sbatch`` trains on 2 tasks with the losses of ``deepspeed --num_gpus 2``;
+* a rank killed on node2: every rank on both nodes and the launcher stop within 60 s, and
+  the survivors' lines name it (node1's ranks learn it from node2's survivor, through the store);
+* SIGTERM to the pdsh launcher's process group: DeepSpeed's runner kills pdsh (the ssh
+  sessions, the ranks' stdout, go with it) and pkills the node launchers, which pass
+  SIGTERM on; the ranks must still checkpoint (their output relay keeps them alive);
+* a hostfile naming a host that cannot be reached after a good one: the ranks that did
+  start stop after run.collective_timeout_s with a line saying ranks never arrived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from alexnet_dist.checkpoint import Checkpoints
+from alexnet_dist.distributed import free_port
+from tests.cluster import emulated_cluster, local_slurm_cluster  # noqa: F401 (fixture)
+from tests.reliability import (
+    EXACT, FAULT_SETS, Job, close, dataset_cache, error_lines, losses, metric_steps, rank_processes,
+    reference_run, set_args, wait_until,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+STEPS = 6
+SETS = [*EXACT, f"train.max_steps={STEPS}"]
+SLURM_STEPS = 12  # the same job as tests/test_faults.py's reference: made once per session
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return dataset_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """node1 and node2, 2 slots each, shared by this module's tests (torn down after)."""
+    # OMP_NUM_THREADS goes into the .deepspeed_env the nodes' ranks get.
+    with _environ(OMP_NUM_THREADS="1"), emulated_cluster(2, tmp_path_factory.mktemp("cluster")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory) -> Path:
+    return reference_run(tmp_path_factory, "deepspeed", 4, *SETS)
+
+
+def _deepspeed(cluster, hostfile: Path, run: Path, cache: Path, *sets: str) -> list[str]:
+    return ["deepspeed", "--hostfile", hostfile, "--master_addr", "node1", "--master_port", str(free_port()),
+            "train.py", *set_args(run, cache, *sets)]
+
+
+def _env(cluster) -> dict[str, str]:
+    return {**cluster.env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.timeout(400)
+def test_deepspeed_hostfile_on_two_nodes_equals_one_node(cluster, one_node, cache, tmp_path):
+    run = tmp_path / "run"
+    res = cluster.run(_deepspeed(cluster, cluster.hostfile, run, cache, *SETS), timeout=300,
+                      extra_env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-6000:]
+    spawned = {node: len(re.findall(rf"^{node}: .*process \d+ spawned", res.stdout, re.M)) for node in cluster.nodes}
+    assert spawned == {"node1": 2, "node2": 2}, res.stdout[-4000:]
+    close(losses(run), losses(one_node), rel=1e-4)
+
+
+@pytest.mark.timeout(400)
+def test_mpirun_on_two_nodes_equals_one_node(cluster, one_node, cache, tmp_path):
+    run = tmp_path / "run"
+    res = cluster.run(["mpirun", "-hosts", ",".join(cluster.nodes), "-ppn", "2", "python", "train.py",
+                       *set_args(run, cache, *SETS)], timeout=300, extra_env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-6000:]
+    close(losses(run), losses(one_node), rel=1e-4)
+
+
+@pytest.mark.timeout(500)
+def test_sbatch_trains_on_two_tasks_like_deepspeed_two_ranks(local_slurm_cluster, tmp_path_factory, cache,  # noqa: F811
+                                                             tmp_path):
+    sets = [*FAULT_SETS, f"train.max_steps={SLURM_STEPS}"]
+    reference = reference_run(tmp_path_factory, "deepspeed", 2, *sets)
+    run = tmp_path / "run"
+    rc, text = local_slurm_cluster.sbatch(["launch/slurm.sbatch", *set_args(run, cache, *sets)],
+                                          env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert rc == 0, text[-6000:] + "\n" + local_slurm_cluster.logs()
+    assert "2 tasks" in text, text[-3000:]
+    close(losses(run), losses(reference), rel=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_a_rank_on_node2_stops_both_nodes_naming_it(cluster, cache, tmp_path):
+    run = tmp_path / "run"
+    job = Job.start(_deepspeed(cluster, cluster.hostfile, run, cache, *FAULT_SETS, "train.max_steps=1000"),
+                    tmp_path / "job.log", env=_env(cluster))
+    try:
+        wait_until(lambda: len(metric_steps(run)) >= 3, 240, "step 3 in metrics.jsonl")
+        ranks = wait_until(lambda: (r := rank_processes(run_dir=run)) and len(r) == 4 and r, 30, "4 ranks")
+        victim = ranks[3]
+        assert victim.pid != ranks[0].pid
+        killed_at = time.monotonic()
+        victim.kill()
+        rc = job.wait(60)
+        wait_until(lambda: not rank_processes(run_dir=run), 60 - (time.monotonic() - killed_at), "every rank to exit")
+    finally:
+        job.kill()
+    out = job.output()
+    assert rc != 0, out[-4000:]
+    errors = error_lines(out)
+    survivors = {int(m.group(1)) for line in errors if (m := re.match(r"error \[rank (\d+)/", line))}
+    assert survivors == {0, 1, 2}, out[-4000:]
+    for line in errors:
+        assert re.search(rf"rank 3 \(pid {victim.pid} on node2\) is gone", line), line
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_pdsh_launcher_checkpoints_then_every_node_exits(cluster, cache, tmp_path):
+    run = tmp_path / "run"
+    job = Job.start(_deepspeed(cluster, cluster.hostfile, run, cache, *FAULT_SETS, "train.max_steps=1000"),
+                    tmp_path / "job.log", env=_env(cluster))
+    try:
+        wait_until(lambda: len(metric_steps(run)) >= 3, 240, "step 3 in metrics.jsonl")
+        wait_until(lambda: len(rank_processes(run_dir=run)) == 4, 30, "4 ranks")
+        os.killpg(job.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        job.wait(60)
+        wait_until(lambda: not rank_processes(run_dir=run), 60 - (time.monotonic() - sent), "every rank to exit")
+    finally:
+        job.kill()
+    # The launcher's ssh sessions are gone by the time the ranks stop: what rank 0 said
+    # after that is in run.dir/logs (the relay's fallback), the rest in the job's output.
+    said = job.output() + "".join(p.read_text() for p in (run / "logs").glob("rank*.log"))
+    m = re.search(r"stop requested: checkpoint at step (\d+), then exit", said)
+    assert m, said[-4000:]
+    stopped = int(m.group(1))
+    newest = Checkpoints(run).newest()
+    assert newest is not None and newest.name == Checkpoints.tag(stopped), said[-4000:]
+    assert sorted(p.name for p in newest.glob("mp_rank_*")) == ["mp_rank_00_model_states.pt",
+                                                                 "mp_rank_01_model_states.pt"]
+    assert max(metric_steps(run)) == stopped
+
+
+@pytest.mark.timeout(300)
+def test_a_hostfile_naming_an_unreachable_second_host_stops_without_hanging(cluster, cache, tmp_path):
+    """node1 is fine, nohost.invalid is not: pdsh says so, node1's two ranks wait for the
+    other two at the rendezvous for run.collective_timeout_s (8 s), then stop with a clear line.
+    (The name never reaches DNS: an ssh config maps it to a closed port on loopback.)"""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=2\nnohost.invalid slots=2\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    config = tmp_path / "ssh_config"
+    config.write_text("Host nohost.invalid\n  HostName 127.0.0.1\n  Port 1\n\n"
+                      + (cluster.workdir / "ssh" / "config").read_text())
+    (bin_dir / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {config} "$@"\n')
+    (bin_dir / "ssh").chmod(0o755)
+    env = {**_env(cluster), "PATH": f"{bin_dir}:{cluster.env['PATH']}"}
+    run = tmp_path / "run"
+    started = time.monotonic()
+    job = Job.start(_deepspeed(cluster, hostfile, run, cache, *EXACT, "run.collective_timeout_s=8"),
+                    tmp_path / "job.log", env=env)
+    try:
+        rc = job.wait(120)
+    finally:
+        job.kill()
+    out = job.output()
+    assert rc != 0, out[-4000:]
+    assert time.monotonic() - started < 120
+    # pdsh names the host by its first label.
+    assert re.search(r"nohost(\.invalid)?: ssh: connect to host 127\.0\.0\.1 port 1: Connection refused", out), \
+        out[-4000:]
+    errors = error_lines(out)
+    assert {line.split("]")[0] for line in errors} == {"error [rank 0/4", "error [rank 1/4"}, out[-4000:]
+    assert all("reached the rendezvous at node1:" in line for line in errors), out[-4000:]
+    assert any("only 2 of 4 ranks reached the rendezvous" in line for line in errors), out[-4000:]
