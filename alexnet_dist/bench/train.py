@@ -45,6 +45,7 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, o
         exchange_bytes_per_image=model_bytes / images,
         input_gather_bytes_per_image=EXCHANGE_COUNTER.bytes_sent.get("input", 0) / images,
         peak_memory_mb=peak_memory_mb(device),
+        num_classes=trainer.num_classes,
     )
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
@@ -55,9 +56,10 @@ def bench_train(cfg: Config, ranks: int, steps: int, warmup: int) -> dict[str, A
         cfg.train.max_steps = None
         spawn_ranks(ranks, _train_worker, cfg, steps, warmup, Path(tmp))
         per_rank = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(ranks)]
+    cfg.model.num_classes = per_rank[0]["num_classes"]  # the same network, on synthetic input
     model_only = bench_model(cfg, ranks, baseline=False, steps=steps, warmup=warmup)["variants"]["tower_parallel"]
     ours = dict(per_rank[0], peak_memory_mb_per_rank=[r["peak_memory_mb"] for r in per_rank])
-    del ours["peak_memory_mb"]
+    del ours["peak_memory_mb"], ours["num_classes"]
     return dict(
         what="train", images_per_sec=ours["images_per_sec"], world_size=ranks,
         exchange_bytes_per_image=ours["exchange_bytes_per_image"],
