@@ -125,6 +125,12 @@ def class_split(num_classes: int) -> tuple[int, ...]:
     return (first, num_classes - first)
 
 
+def _apply(layers: list[nn.Module], x: Tensor) -> Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
 def memory_format_for(device: torch.device) -> torch.memory_format:
     """NHWC on GPUs (what their convolution kernels want); the default layout on CPUs."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -178,17 +184,17 @@ class Tower(nn.Module):
     def layers(self) -> list[nn.Module]:
         return [*self.features, *self.classifier]
 
-    def segments(self) -> list[tuple[nn.Sequential, str | None]]:
+    def segments(self) -> list[tuple[list[nn.Module], str | None]]:
         """The runs of layers between exchanges, each with the exchange that follows it."""
-        runs: list[tuple[nn.Sequential, str | None]] = []
+        runs: list[tuple[list[nn.Module], str | None]] = []
         current: list[nn.Module] = []
         for layer in self.layers():
             if isinstance(layer, CrossTower):
-                runs.append((nn.Sequential(*current), layer.name))
+                runs.append((current, layer.name))
                 current = []
             else:
                 current.append(layer)
-        return runs + [(nn.Sequential(*current), None)]
+        return runs + [(current, None)]
 
     def init_weights(self, scheme: str = "paper", generator: torch.Generator | None = None) -> None:
         """``paper``: weights N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
@@ -256,7 +262,7 @@ class AlexNet(nn.Module):
             exchange = position[0][1]
             for i, state in enumerate(chunks):
                 hs = [state.wait()] * len(towers) if isinstance(state, PendingExchange) else state
-                hs = [layers(h) for (layers, _), h in zip(position, hs)]
+                hs = [_apply(layers, h) for (layers, _), h in zip(position, hs)]
                 # conv3: towers x (N x C2 x 13 x 13) -> N x 2*C2 x 13 x 13
                 # fc6:   towers x (N x C5*36)        -> N x 2*C5*36
                 # fc7, fc8: towers x (N x F)         -> N x 2*F

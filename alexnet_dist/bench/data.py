@@ -10,8 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from alexnet_dist.bench.timing import bench_device
 from alexnet_dist.config import Config
 
 __all__ = ["bench_data"]
@@ -39,7 +38,7 @@ def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int) -> dict[str
     from data_pipeline.throughput import measure_pipeline, measure_torchvision_baseline
 
     images = list_images(_photos(cfg))
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = bench_device()
     common = dict(batch_size=cfg.train.micro_batch_size, steps=steps, warmup=warmup,
                   image_size=cfg.data.image_size, resize=cfg.data.resize)
     dali, base = [], []

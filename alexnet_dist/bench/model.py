@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet_dist.bench.timing import peak_memory_mb, summarise, time_steps
+from alexnet_dist.bench.timing import bench_device, peak_memory_mb, summarise, time_steps
 from alexnet_dist.config import Config
 from alexnet_dist.distributed import spawn_ranks
 from alexnet_dist.exchanges import EXCHANGE_COUNTER
@@ -36,17 +36,13 @@ __all__ = ["bench_model", "grouped_alexnet_layers"]
 PIPELINE_MICRO_BATCHES = 4
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _batch(cfg: Config, n: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     size = cfg.data.image_size
     x = torch.randn(n, 3, size, size, generator=g)
     y = torch.randint(0, num_classes, (n,), generator=g)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-    return x.to(_device(), dtype).contiguous(memory_format=memory_format_for(_device())), y.to(_device())
+    return x.to(bench_device(), dtype).contiguous(memory_format=memory_format_for(bench_device())), y.to(bench_device())
 
 
 def _sgd(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -56,7 +52,7 @@ def _sgd(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 def _prepare(model: nn.Module, cfg: Config) -> nn.Module:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-    return model.to(_device(), dtype).to(memory_format=memory_format_for(_device()))
+    return model.to(bench_device(), dtype).to(memory_format=memory_format_for(bench_device()))
 
 
 def _sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
@@ -71,7 +67,7 @@ def _sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
 
 def _finish(rank: int, times: list[float], images_per_step: int, out: Path, extra: dict[str, Any]) -> None:
     """Each rank writes its figures; the parent merges them."""
-    result = dict(summarise(times, images_per_step), peak_memory_mb=peak_memory_mb(_device()), **extra)
+    result = dict(summarise(times, images_per_step), peak_memory_mb=peak_memory_mb(bench_device()), **extra)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -83,7 +79,7 @@ def _tower_parallel(rank: int, world: int, cfg: Config, num_classes: int, steps:
     per_replica = cfg.train.micro_batch_size
     x, y = _batch(cfg, per_replica, num_classes, seed=g.replica)  # both towers of a replica: same images
     step = _sgd_step(model, _sgd(model, cfg), x, y)
-    times = time_steps(step, steps, warmup, _device(), after_warmup=EXCHANGE_COUNTER.reset)
+    times = time_steps(step, steps, warmup, bench_device(), after_warmup=EXCHANGE_COUNTER.reset)
     sent = {k: v for k, v in EXCHANGE_COUNTER.bytes_sent.items()}
     images = per_replica * steps
     _finish(rank, times, per_replica * g.topology.data_parallel_size, out, dict(
@@ -97,10 +93,10 @@ def _ddp_torchvision(rank: int, world: int, cfg: Config, num_classes: int, steps
     from torch.nn.parallel import DistributedDataParallel
 
     model = _prepare(torchvision.models.alexnet(num_classes=num_classes, dropout=cfg.model.dropout), cfg)
-    ddp = DistributedDataParallel(model, device_ids=[_device()] if _device().type == "cuda" else None)
+    ddp = DistributedDataParallel(model, device_ids=[bench_device()] if bench_device().type == "cuda" else None)
     global_batch = cfg.train.micro_batch_size * max(1, world // 2)  # the tower-parallel run's global batch
     x, y = _batch(cfg, global_batch // world, num_classes, seed=rank)
-    times = time_steps(_sgd_step(ddp, _sgd(ddp, cfg), x, y), steps, warmup, _device())
+    times = time_steps(_sgd_step(ddp, _sgd(ddp, cfg), x, y), steps, warmup, bench_device())
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     _finish(rank, times, global_batch, out, dict(allreduce_bytes_per_step=grad_bytes))
 
@@ -138,7 +134,7 @@ def _pipeline_deepspeed(rank: int, world: int, cfg: Config, num_classes: int, st
     engine, *_ = deepspeed.initialize(model=pipe, optimizer=_sgd(pipe, cfg), config=ds)
     x, y = _batch(cfg, micro, num_classes, seed=0)
     batches = iter(lambda: (x, y), None)  # the same micro batch, endlessly
-    times = time_steps(lambda: engine.train_batch(batches), steps, warmup, _device())
+    times = time_steps(lambda: engine.train_batch(batches), steps, warmup, bench_device())
     _finish(rank, times, micro * PIPELINE_MICRO_BATCHES, out, {})
 
 

@@ -9,7 +9,12 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["peak_memory_mb", "summarise", "time_steps"]
+__all__ = ["bench_device", "peak_memory_mb", "summarise", "time_steps"]
+
+
+def bench_device() -> torch.device:
+    """This rank's GPU, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _sync(device: torch.device) -> None:

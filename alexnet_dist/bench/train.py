@@ -8,10 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from alexnet_dist.bench.model import bench_model
-from alexnet_dist.bench.timing import peak_memory_mb, summarise, time_steps
+from alexnet_dist.bench.timing import bench_device, peak_memory_mb, summarise, time_steps
 from alexnet_dist.config import Config
 from alexnet_dist.distributed import spawn_ranks
 from alexnet_dist.exchanges import EXCHANGE_COUNTER
@@ -22,7 +20,7 @@ __all__ = ["bench_train"]
 def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, out: Path) -> None:
     from alexnet_dist.training import Trainer
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = bench_device()
     trainer = Trainer(cfg, device)
     batches = trainer.micro_batches()
     waits: list[float] = []
