@@ -57,15 +57,18 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         half = self.size // 2
+        # In float32 whatever the model's precision: squares of ReLU outputs overflow fp16,
+        # and bf16's 8-bit mantissa cannot take the difference of two running sums.
+        xf = x.float()
         # Sum of squares over the channel window as a difference of running sums: linear
         # work forwards and backwards (a pooling over channels costs 3x more on CPUs).
-        running = F.pad(x.square(), (0, 0, 0, 0, half + 1, half)).cumsum(1)  # N x C+2h+1 x H x W
+        running = F.pad(xf.square(), (0, 0, 0, 0, half + 1, half)).cumsum(1)  # N x C+2h+1 x H x W
         window = running[:, 2 * half + 1:] - running[:, : x.shape[1]]
         denom = self.k + self.alpha * window
         if self.beta == 0.75:  # the paper's: d^-0.75 = d^-0.5 * d^-0.25, two cheap roots instead of pow
             inv = denom.rsqrt()
-            return x * inv * inv.sqrt()
-        return x / denom.pow(self.beta)
+            return (xf * inv * inv.sqrt()).to(x.dtype)
+        return (xf / denom.pow(self.beta)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"

@@ -61,6 +61,19 @@ def test_lrn_alpha_is_not_divided_by_size():
     assert not torch.allclose(ours, nn.LocalResponseNorm(5, 1e-2, 0.75, 2.0)(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lrn_in_half_precision_matches_float64(dtype):
+    # conv1-like ReLU outputs: 96 channels, values up to ~400, whose squares overflow
+    # fp16 and whose channel running sums bf16 cannot difference.
+    x = (torch.randn(2, 96, 7, 7, dtype=torch.float64).relu() * 150).to(dtype)
+    ref = LocalResponseNorm()(x.double())
+    out = LocalResponseNorm()(x)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref).norm() / ref.norm()
+    assert err < 1e-2, f"relative error {err:.3g} in {dtype}"
+
+
 def test_paper_init():
     model = AlexNet(width_mult=0.25)
     layers = [m for m in model.towers["tower1"].layers() if isinstance(m, (nn.Conv2d, nn.Linear))]
