@@ -20,10 +20,12 @@ Where we differ from the paper:
   and the single-process reference draws the same masks as replica 0 of a cluster.
 * An optional ``kaiming`` initialisation beside the paper's N(0, 0.01).
 * ``num_classes`` may be odd: tower 0 owns the larger half of fc8.
+* The LRN is computed in float32 whatever the precision, and compiled on GPUs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -43,12 +45,37 @@ FC_WIDTH = 2048
 POOLED = 6  # spatial size before fc6
 
 
+def _lrn(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+    """The paper's LRN as a pure function of ``x`` (N x C x H x W)."""
+    # In float32 whatever the model's precision: squares of ReLU outputs overflow fp16,
+    # and bf16's 8-bit mantissa drops the small terms of a window sum.
+    xf = x.float()
+    channels, half = x.shape[1], size // 2
+    squares = F.pad(xf.square(), (0, 0, 0, 0, half, half))  # N x C+2h x H x W, zeros beyond the edges
+    window = squares[:, :channels]
+    for i in range(1, size):  # window[:, c] = sum of squares of channels c-h .. c+h
+        window = window + squares[:, i:i + channels]
+    denom = k + alpha * window
+    if beta == 0.75:  # the paper's: d^-0.75 = d^-0.5 * d^-0.25, two cheap roots instead of pow
+        inv = denom.rsqrt()
+        return (xf * inv * inv.sqrt()).to(x.dtype)
+    return (xf / denom.pow(beta)).to(x.dtype)
+
+
+@functools.cache
+def _compiled_lrn():
+    # Eagerly the LRN is a dozen passes over conv1's and conv2's outputs each way: on an
+    # H100 it took 64 % of the bf16 step. Compiled, each direction is one fused kernel.
+    # (TORCHDYNAMO_DISABLE=1 runs it eagerly, as on CPUs.)
+    return torch.compile(_lrn, dynamic=False)
+
+
 class LocalResponseNorm(nn.Module):
     """The paper's LRN over channels (section 3.3).
 
     b_i = a_i / (k + alpha * sum_j a_j^2)^beta, j from max(0, i - size//2) to
     min(N-1, i + size//2). Unlike ``torch.nn.LocalResponseNorm``, alpha is not divided
-    by ``size``.
+    by ``size``. Compiled on GPUs, eager elsewhere: the same function.
     """
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> None:
@@ -56,19 +83,8 @@ class LocalResponseNorm(nn.Module):
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
     def forward(self, x: Tensor) -> Tensor:
-        half = self.size // 2
-        # In float32 whatever the model's precision: squares of ReLU outputs overflow fp16,
-        # and bf16's 8-bit mantissa cannot take the difference of two running sums.
-        xf = x.float()
-        # Sum of squares over the channel window as a difference of running sums: linear
-        # work forwards and backwards (a pooling over channels costs 3x more on CPUs).
-        running = F.pad(xf.square(), (0, 0, 0, 0, half + 1, half)).cumsum(1)  # N x C+2h+1 x H x W
-        window = running[:, 2 * half + 1:] - running[:, : x.shape[1]]
-        denom = self.k + self.alpha * window
-        if self.beta == 0.75:  # the paper's: d^-0.75 = d^-0.5 * d^-0.25, two cheap roots instead of pow
-            inv = denom.rsqrt()
-            return (xf * inv * inv.sqrt()).to(x.dtype)
-        return (xf / denom.pow(self.beta)).to(x.dtype)
+        lrn = _compiled_lrn() if x.is_cuda else _lrn
+        return lrn(x, self.size, self.alpha, self.beta, self.k)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
