@@ -6,7 +6,11 @@ decoding with Pillow, ``Resize(256)``, ``RandomCrop(224)``, ``RandomHorizontalFl
 with one worker per core. Both produce normalised float32 NCHW batches on the CPU
 (or the device, for the feed).
 
-``python -m alexnet_dist.bench data --baseline`` runs both on photographs made by
+A third way, for GPUs without DALI: torchvision's own batched ``decode_jpeg`` on the
+device (nvJPEG on a GPU) with the same augmentations done there on tensors
+(:func:`measure_torchvision_decode_jpeg`; on a CPU the same code decodes with libjpeg).
+
+``python -m alexnet_dist.bench data --baseline`` runs them on photographs made by
 :func:`make_benchmark_photos`, alternating them for a few rounds.
 """
 
@@ -23,6 +27,7 @@ import psutil
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.io import ImageReadMode
 
 from data_pipeline.feeds import IMAGENET_MEAN, IMAGENET_STD, TrainFeed
 from data_pipeline.folder import ImageList
@@ -30,7 +35,7 @@ from data_pipeline.eigen import IMAGENET_EIGVAL, IMAGENET_EIGVEC
 from data_pipeline.photos import photo_crop
 from data_pipeline.sampler import PCA_ALPHA_STD
 
-__all__ = ["make_benchmark_photos", "measure_pipeline", "measure_torchvision_baseline"]
+__all__ = ["make_benchmark_photos", "measure_pipeline", "measure_torchvision_baseline", "measure_torchvision_decode_jpeg"]
 
 
 def make_benchmark_photos(dir: str, n: int, size: tuple[int, int] = (500, 375), quality: int = 90,
@@ -77,6 +82,45 @@ def measure_torchvision_baseline(images: ImageList, *, batch_size: int, steps: i
     result = _time_batches(batches, batch_size, steps, warmup, lambda: None, _tree_cpu_seconds)
     del batches, loader  # stops the workers
     return {"what": "torchvision", "workers": workers, **result}
+
+
+def measure_torchvision_decode_jpeg(images: ImageList, *, batch_size: int, steps: int, warmup: int,
+                                    device: str | torch.device = "cpu", image_size: int = 224,
+                                    resize: int = 256) -> dict:
+    """Images/s of ``torchvision.io.decode_jpeg`` on ``device`` (the batched nvJPEG call on
+    a GPU) followed by the same augmentations on the device's tensors."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batches = _decode_jpeg_batches(images, batch_size, device, image_size, resize)
+    result = _time_batches(batches, batch_size, steps, warmup, sync, _process_cpu_seconds)
+    return {"what": "torchvision_decode_jpeg", "device": str(device), **result}
+
+
+def _decode_jpeg_batches(images: ImageList, batch_size: int, device: torch.device, image_size: int,
+                         resize: int) -> Iterator[torch.Tensor]:
+    """Endless normalised float32 batches: read the files, decode on ``device``, resize the
+    short side, random crop, flip, PCA noise, normalise; shuffled each pass."""
+    from torchvision.io import decode_jpeg, read_file
+    from torchvision.transforms.v2 import functional as TF
+
+    g = torch.Generator().manual_seed(0)
+    eigval, eigvec = torch.from_numpy(IMAGENET_EIGVAL).float(), torch.from_numpy(IMAGENET_EIGVEC).float()
+    mean = torch.from_numpy(IMAGENET_MEAN).float().view(1, 3, 1, 1).to(device)
+    std = torch.from_numpy(IMAGENET_STD).float().view(1, 3, 1, 1).to(device)
+    while True:
+        order = torch.randperm(len(images.files), generator=g).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            data = [read_file(images.files[i]) for i in order[start:start + batch_size]]
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)  # n x (3 x H x W) uint8
+            crops = []
+            for img in decoded:
+                img = TF.resize(img, [resize], antialias=True)
+                top, left = (int(torch.randint(0, s - image_size + 1, (), generator=g)) for s in img.shape[-2:])
+                img = img[:, top:top + image_size, left:left + image_size]
+                crops.append(img.flip(-1) if torch.rand((), generator=g) < 0.5 else img)
+            alpha = torch.randn(batch_size, 3, generator=g) * PCA_ALPHA_STD
+            shift = 255 * (alpha * eigval) @ eigvec.T  # n x 3, the paper's colour noise on the 0..255 scale
+            yield (torch.stack(crops).float() + shift.view(-1, 3, 1, 1).to(device) - mean) / std
 
 
 class _FileDataset(torch.utils.data.Dataset):

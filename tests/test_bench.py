@@ -36,11 +36,26 @@ def test_bench_model_with_baselines(tmp_path):
     # width 1/8, 64 px input (3x3 maps at conv3), 1000 classes: per tower conv3 16x3x3, fc6 16x6x6,
     # fc7 and fc8 256 floats, sent forward and back, plus 500 logits forward
     assert result["exchange_bytes_per_image"] == 2 * 4 * (16 * 3 * 3 + 16 * 36 + 2 * 256) + 4 * 500
+    assert 0 < result["peak_fraction"] and result["matmul_peak_tflops"] > 0
+    assert all(v["train_flops_per_image"] > 0 for v in result["variants"].values())
+    assert result["numerics"]["logits_rel_error"] < 1e-4  # fp32 on the CPU
+
+
+def test_bench_model_one_rank_holds_both_towers(tmp_path):
+    result = _bench("model", tmp_path, "--ranks", "1", "--set", "train.precision=bf16")
+    assert result["world_size"] == 1 and set(result["variants"]) == {"single_process"}
+    assert result["exchange_bytes_per_image"] == 0
+    # one image's forward and backward at width 1/8, 64 px, counted by torch's FLOP counter
+    assert result["variants"]["single_process"]["train_flops_per_image"] > 1e6
+    assert result["matmul_peak_precision"] == "bf16" and 0 < result["peak_fraction"]
+    assert result["numerics"]["logits_rel_error"] < 2e-2  # bf16 against float64
 
 
 def test_bench_data_with_baseline(tmp_path):
     result = _bench("data", tmp_path, "--baseline")
     assert result["baseline_images_per_sec"] > 0 and len(result["ratios_per_round"]) == 3
+    assert set(result["variants"]) == {"dali", "torchvision_dataloader", "torchvision_decode_jpeg"}
+    assert result["variants"]["torchvision_decode_jpeg"]["images_per_sec"] > 0
 
 
 @pytest.mark.slow
@@ -49,3 +64,22 @@ def test_bench_train_end_to_end(tmp_path):
     assert result["exchange_bytes_per_image"] > 0
     assert 0 < result["end_to_end_vs_model_only"]
     assert 0 <= result["variants"]["end_to_end"]["data_wait_share"] < 1
+
+
+def test_bench_data_without_dali_measures_the_baselines_or_says_why(tmp_path, monkeypatch):
+    import data_pipeline.feeds
+    from alexnet_dist.bench.__main__ import BENCH_CONFIG
+    from alexnet_dist.bench.data import bench_data
+    from alexnet_dist.config import load_config
+    from data_pipeline import DataError
+
+    def no_dali():
+        raise DataError("NVIDIA DALI is not importable here (test)")
+
+    monkeypatch.setattr(data_pipeline.feeds, "load_dali", no_dali)
+    cfg = load_config(str(BENCH_CONFIG), [*TINY, f"data.cache_dir={tmp_path}"])
+    result = bench_data(cfg, baseline=True, steps=1, warmup=0)
+    assert "dali" not in result["variants"] and "images_per_sec" not in result
+    assert result["baseline_images_per_sec"] > 0 and "DALI" in result["dali_missing"]
+    with pytest.raises(DataError, match="DALI is not importable"):
+        bench_data(cfg, baseline=False, steps=1, warmup=0)

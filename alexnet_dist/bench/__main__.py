@@ -19,6 +19,7 @@ import torch
 
 from alexnet_dist.config import ConfigError, load_config
 from alexnet_dist.metrics import say
+from data_pipeline import DataError
 
 MODES = ("data", "model", "train")
 BENCH_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench.yaml"
@@ -46,17 +47,24 @@ def device_name() -> str:
 
 def markdown_table(result: dict[str, Any]) -> str:
     rows = result.get("variants", {result["what"]: result})
-    lines = ["| variant | images/s | median step s | p95 step s | exchange B/image | peak MiB/rank |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | images/s | median step s | p95 step s | exchange B/image | peak MiB/rank | TFLOP/s |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         mem = r.get("peak_memory_mb_per_rank", [])
         median = r.get("median_step_s", r.get("median_batch_s", float("nan")))  # data mode: a step is a batch
         p95 = r.get("p95_step_s", r.get("p95_batch_s", float("nan")))
+        tflops = f"{r['tflops']:.3g}" if "tflops" in r else ""
         lines.append(
             f"| {name} | {r.get('images_per_sec', float('nan')):.1f} | {median:.3f} | {p95:.3f} "
-            f"| {r.get('exchange_bytes_per_image', 0):.0f} | {', '.join(f'{m:.0f}' for m in mem)} |"
+            f"| {r.get('exchange_bytes_per_image', 0):.0f} | {', '.join(f'{m:.0f}' for m in mem)} | {tflops} |"
         )
-    if "baseline_images_per_sec" in result:
+    if "baseline_images_per_sec" in result and "images_per_sec" in result:
         lines.append(f"\nratio (project / baseline): {result['images_per_sec'] / result['baseline_images_per_sec']:.2f}x")
+    if "peak_fraction" in result:
+        lines.append(f"share of this device's measured {result['matmul_peak_precision']} matrix-product rate "
+                     f"({result['matmul_peak_tflops']:.3g} TFLOP/s): {100 * result['peak_fraction']:.1f} %")
+    if "numerics" in result:
+        lines.append("relative error vs float64 on the CPU: " + ", ".join(f"{k} {v:.2g}" for k, v in result["numerics"].items()))
     return "\n".join(lines)
 
 
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         say(f"error: {e}", sys.stderr)
         return 2
     Path(args.json).write_text(json.dumps(result, indent=1))

@@ -1,17 +1,22 @@
 """``bench data``: the DALI feed alone (decode, crop, flip, colour noise, normalise), and
 with ``--baseline`` torchvision's ImageFolder + DataLoader (one worker per core) doing
-the same augmentations on the same photographs, alternated over rounds so that other
-load on the machine hits both alike."""
+the same augmentations on the same photographs, and torchvision's batched
+``decode_jpeg`` on the bench device (nvJPEG on a GPU), alternated over rounds so that
+other load on the machine hits all alike.
+
+Where DALI does not import (a GPU machine without its wheel), ``--baseline`` still
+measures the other two and says so; without ``--baseline`` that is an error."""
 
 from __future__ import annotations
 
 import os
-import statistics
 from pathlib import Path
 from typing import Any
 
 from alexnet_dist.bench.timing import bench_device
 from alexnet_dist.config import Config
+from alexnet_dist.metrics import say
+from data_pipeline import DataError
 
 __all__ = ["bench_data"]
 
@@ -33,26 +38,53 @@ def _photos(cfg: Config) -> str:
     return str(folder)
 
 
+def _dali_missing() -> str | None:
+    """Why DALI cannot run here, or None."""
+    from data_pipeline.feeds import load_dali
+
+    try:
+        load_dali()
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def _median_round(rounds: list[dict]) -> dict:
+    """The round with the median images/s, with that median."""
+    return sorted(rounds, key=lambda r: r["images_per_sec"])[len(rounds) // 2]
+
+
 def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int) -> dict[str, Any]:
     from data_pipeline import list_images
-    from data_pipeline.throughput import measure_pipeline, measure_torchvision_baseline
+    from data_pipeline.throughput import measure_pipeline, measure_torchvision_baseline, measure_torchvision_decode_jpeg
 
+    missing = _dali_missing()
+    if missing and not baseline:
+        raise DataError(missing)
     images = list_images(_photos(cfg))
     device = bench_device()
     common = dict(batch_size=cfg.train.micro_batch_size, steps=steps, warmup=warmup,
                   image_size=cfg.data.image_size, resize=cfg.data.resize)
-    dali, base = [], []
+    rounds: dict[str, list[dict]] = {"dali": [], "torchvision_dataloader": [], "torchvision_decode_jpeg": []}
     for _ in range(ROUNDS if baseline else 1):
-        dali.append(measure_pipeline(images, augment=cfg.data.augment, num_threads=cfg.data.num_threads,
-                                     prefetch=cfg.data.prefetch, device=device, **common))
+        if not missing:
+            rounds["dali"].append(measure_pipeline(images, augment=cfg.data.augment, num_threads=cfg.data.num_threads,
+                                                   prefetch=cfg.data.prefetch, device=device, **common))
         if baseline:
-            base.append(measure_torchvision_baseline(images, **common))
-    median = statistics.median(r["images_per_sec"] for r in dali)
-    result = dict(what="data", images_per_sec=median, images_per_sec_per_rank=median, world_size=1,
-                  cpu_ms_per_image=statistics.median(r["cpu_ms_per_image"] for r in dali),
-                  variants={"dali": dali[len(dali) // 2]})
+            rounds["torchvision_dataloader"].append(measure_torchvision_baseline(images, **common))
+            rounds["torchvision_decode_jpeg"].append(measure_torchvision_decode_jpeg(images, device=device, **common))
+    variants = {name: _median_round(r) for name, r in rounds.items() if r}
+    result: dict[str, Any] = dict(what="data", world_size=1, variants=variants)
+    if missing:
+        say(f"warning: {missing}; measured the baselines only")
+        result["dali_missing"] = missing
+    else:
+        result.update(images_per_sec=variants["dali"]["images_per_sec"],
+                      images_per_sec_per_rank=variants["dali"]["images_per_sec"],
+                      cpu_ms_per_image=variants["dali"]["cpu_ms_per_image"])
     if baseline:
-        result["baseline_images_per_sec"] = statistics.median(r["images_per_sec"] for r in base)
-        result["ratios_per_round"] = [d["images_per_sec"] / b["images_per_sec"] for d, b in zip(dali, base)]
-        result["variants"]["torchvision_dataloader"] = base[len(base) // 2]
+        result["baseline_images_per_sec"] = variants["torchvision_dataloader"]["images_per_sec"]
+    if baseline and not missing:
+        result["ratios_per_round"] = [d["images_per_sec"] / b["images_per_sec"]
+                                      for d, b in zip(rounds["dali"], rounds["torchvision_dataloader"])]
     return result

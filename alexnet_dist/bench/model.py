@@ -8,14 +8,22 @@ Variants, each on its own freshly spawned ranks, at the same global batch:
 * ``single_process``: both towers in one process (the reference layout);
 * ``ddp_torchvision`` (``--baseline``): torchvision's single-tower AlexNet under plain DDP,
   the global batch split over the ranks (all-reduces every gradient each step);
-* ``pipeline_deepspeed`` (``--baseline``): the paper's network as one layer list cut
-  into 2 stages by DeepSpeed's ``PipelineModule``, the batch split into micro-batches.
+* ``pipeline_deepspeed`` (``--baseline``, 2 ranks or more): the paper's network as one
+  layer list cut into 2 stages by DeepSpeed's ``PipelineModule``, the batch split into
+  micro-batches.
+
+With ``--ranks 1`` (one GPU) the project's figure is ``single_process``: both towers on
+the one device. Every variant reports the TFLOP/s its convolutions and matrix products
+do (counted by ``torch.utils.flop_counter`` on one image, forward and backward), and the
+project's share of this device's matrix-product rate in the run's precision, measured
+in the same run.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -156,21 +164,102 @@ def _run_variant(name: str, ranks: int, cfg: Config, num_classes: int, steps: in
     return result
 
 
+def _variant_names(ranks: int, baseline: bool) -> list[str]:
+    names = ["tower_parallel", "single_process"] if ranks > 1 else ["single_process"]
+    if baseline:
+        names += ["ddp_torchvision"] + (["pipeline_deepspeed"] if ranks > 1 else [])
+    return names
+
+
+def train_flops_per_image(model: nn.Module, image_size: int) -> float:
+    """Floating-point operations of one image's forward and backward (convolutions and
+    matrix products, as ``torch.utils.flop_counter`` counts them), on the CPU in float32."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 3, image_size, image_size)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops() / 2
+
+
+def matmul_peak_tflops(precision: str, size: int | None = None, repeats: int = 10) -> tuple[float, str]:
+    """TFLOP/s of a large square matrix product on this device in the run's precision,
+    and that precision's name: the ceiling the model's share is measured against
+    (measured, not a datasheet's). fp32 on a GPU counts as TF32 when cuDNN's
+    convolutions may use it (PyTorch's default)."""
+    device = bench_device()
+    size = size or (8192 if device.type == "cuda" else 1024)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    tf32 = device.type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        times = time_steps(lambda: a @ b, repeats, 3, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    return 2 * size**3 / statistics.median(times) / 1e12, "tf32" if tf32 else precision
+
+
+def _flops(cfg: Config, num_classes: int) -> dict[str, float]:
+    import torchvision
+
+    m = cfg.model
+    return {
+        "paper": train_flops_per_image(AlexNet(num_classes, m.width_mult, m.dropout, m.init), cfg.data.image_size),
+        "torchvision": train_flops_per_image(torchvision.models.alexnet(num_classes=num_classes), cfg.data.image_size),
+    }
+
+
+def numerics_check(cfg: Config, num_classes: int, batch: int = 4) -> dict[str, float]:
+    """Relative error, against float64 on the CPU with the same weights and images, of the
+    logits and of the first convolution's weight gradient (the longest backward path)
+    that the network gives on the bench device in the run's precision and layout."""
+    m = cfg.model
+    ref = AlexNet(num_classes, m.width_mult, 0.0, "kaiming", seed=0).double()  # signals that neither vanish nor cancel
+    test = _prepare(copy.deepcopy(ref), cfg)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size, generator=g, dtype=torch.float64)
+    y = torch.randint(0, num_classes, (batch,), generator=g)
+    errors = {}
+    outputs = []
+    for model, xs in ((ref, x), (test, x.to(next(test.parameters()).dtype).to(bench_device()))):
+        xs = xs.contiguous(memory_format=memory_format_for(xs.device))
+        logits = model(xs)
+        F.cross_entropy(logits.double(), y.to(xs.device)).backward()
+        outputs.append((logits.double().cpu(), next(model.parameters()).grad.double().cpu()))
+    for name, (want, got) in zip(("logits_rel_error", "conv1_grad_rel_error"), zip(*outputs)):
+        errors[name] = float((got - want).norm() / want.norm())
+    return errors
+
+
+def _devices_used(ranks: int) -> int:
+    """GPUs the ranks ran on (one each); on CPUs the peak was measured with every core."""
+    return min(ranks, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
 def bench_model(cfg: Config, ranks: int, baseline: bool, steps: int, warmup: int) -> dict[str, Any]:
     """Run the variants and return the contract's JSON object (``variants`` holds each one)."""
     num_classes = cfg.model.num_classes or 1000
-    names = ["tower_parallel", "single_process"] + (["ddp_torchvision", "pipeline_deepspeed"] if baseline else [])
     variants = {}
-    for name in names:
+    for name in _variant_names(ranks, baseline):
         variants[name] = _run_variant(name, 1 if name == "single_process" else ranks, cfg, num_classes, steps, warmup)
-    if cfg.train.exchange_chunks > 1:
+    if cfg.train.exchange_chunks > 1 and ranks > 1:
         no_overlap = copy.deepcopy(cfg)
         no_overlap.train.exchange_chunks = 1
         variants["tower_parallel_no_overlap"] = _run_variant("tower_parallel", ranks, no_overlap, num_classes, steps, warmup)
-    ours = variants["tower_parallel"]
+    flops = _flops(cfg, num_classes)
+    for name, v in variants.items():
+        v["train_flops_per_image"] = flops["torchvision" if name == "ddp_torchvision" else "paper"]
+        v["tflops"] = v["train_flops_per_image"] * v["images_per_sec"] / 1e12
+    ours = variants["tower_parallel" if ranks > 1 else "single_process"]
+    peak, peak_precision = matmul_peak_tflops(cfg.train.precision)
     result = dict(what="model", images_per_sec=ours["images_per_sec"], world_size=ranks,
                   exchange_bytes_per_image=ours["exchange_bytes_per_image"], variants=variants,
-                  global_batch=cfg.train.micro_batch_size * max(1, ranks // 2))
+                  global_batch=cfg.train.micro_batch_size * max(1, ranks // 2), precision=cfg.train.precision,
+                  tflops=ours["tflops"], matmul_peak_tflops=peak, matmul_peak_precision=peak_precision,
+                  peak_fraction=ours["tflops"] / (peak * _devices_used(ranks)),
+                  numerics=numerics_check(cfg, num_classes))
     if baseline:
         result["baseline_images_per_sec"] = variants["ddp_torchvision"]["images_per_sec"]
     return result
