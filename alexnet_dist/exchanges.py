@@ -22,8 +22,10 @@ holds every tower: the collective is skipped and nothing is sent.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -45,20 +47,33 @@ __all__ = [
 
 
 class ExchangeCounter:
-    """Bytes this rank has sent to its partner towers, per exchange name.
+    """Bytes this rank has sent to its partner towers, per exchange name, and the host
+    seconds it spent blocked waiting for exchanges.
 
     Counted from the tensors actually handed to the collectives, so the benchmark's
-    ``exchange_bytes_per_image`` is a measurement, not a formula.
+    ``exchange_bytes_per_image`` is a measurement, not a formula. The seconds bound
+    what overlapping exchanges with compute can save (on CPUs; NCCL's waits only
+    order GPU streams, so on GPUs they read near 0).
     """
 
     def __init__(self) -> None:
         self.bytes_sent: dict[str, int] = defaultdict(int)
+        self.seconds_waiting: dict[str, float] = defaultdict(float)
 
     def add(self, name: str, nbytes: int) -> None:
         self.bytes_sent[name] += nbytes
 
+    @contextmanager
+    def waiting(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds_waiting[name] += time.perf_counter() - start
+
     def reset(self) -> None:
         self.bytes_sent.clear()
+        self.seconds_waiting.clear()
 
     def total(self) -> int:
         return sum(self.bytes_sent.values())
@@ -99,7 +114,8 @@ def _all_gather(x: Tensor, group: dist.ProcessGroup | None, dim: int, name: str)
     """Concatenate every group member's ``x`` along ``dim``, in group-rank order."""
     blocks, work = _all_gather_start(x, group, name)
     if work is not None:
-        work.wait()
+        with EXCHANGE_COUNTER.waiting(name):
+            work.wait()
     return _blocks_to_dim(blocks, _group_size(group), dim)
 
 
@@ -110,7 +126,8 @@ def _reduce_scatter_blocks(blocks: Tensor, group: dist.ProcessGroup | None, name
         return blocks
     blocks = blocks.contiguous()
     out = blocks.new_empty((blocks.shape[0] // size, *blocks.shape[1:]))
-    dist.reduce_scatter_single(out, blocks, group=group)
+    with EXCHANGE_COUNTER.waiting(name):
+        dist.reduce_scatter_single(out, blocks, group=group)
     EXCHANGE_COUNTER.add(name, _nbytes(blocks) * (size - 1) // size)
     return out
 
@@ -161,12 +178,13 @@ class _AllGatherForwardSplitBackward(torch.autograd.Function):
 class PendingExchange:
     """A cross-tower gather in flight: :meth:`wait` returns the full activation."""
 
-    def __init__(self, blocks: Tensor, work: dist.Work | None, size: int, dim: int) -> None:
-        self._blocks, self._work, self._size, self._dim = blocks, work, size, dim
+    def __init__(self, blocks: Tensor, work: dist.Work | None, size: int, dim: int, name: str) -> None:
+        self._blocks, self._work, self._size, self._dim, self._name = blocks, work, size, dim, name
 
     def wait(self) -> Tensor:
         if self._work is not None:
-            self._work.wait()
+            with EXCHANGE_COUNTER.waiting(self._name):
+                self._work.wait()
         return _blocks_to_dim(self._blocks, self._size, self._dim)
 
 
@@ -183,7 +201,7 @@ def start_gather_from_towers(
     x = local[0] if len(local) == 1 else torch.cat(list(local), dim)
     pending: list = []
     blocks = _AllGatherForwardReduceScatterBackward.apply(x, group, name, pending)
-    return PendingExchange(blocks, pending[0], _group_size(group), dim)
+    return PendingExchange(blocks, pending[0], _group_size(group), dim, name)
 
 
 def gather_from_towers(

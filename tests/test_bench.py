@@ -39,6 +39,9 @@ def test_bench_model_with_baselines(tmp_path):
     assert 0 < result["peak_fraction"] and result["matmul_peak_tflops"] > 0
     assert all(v["train_flops_per_image"] > 0 for v in result["variants"].values())
     assert result["numerics"]["logits_rel_error"] < 1e-4  # fp32 on the CPU
+    waits = result["variants"]["tower_parallel"]["exchange_wait_share_by_name"]
+    assert {"conv3", "fc6", "fc7", "fc8", "logits", "conv3.grad", "fc6.grad"} <= set(waits)
+    assert 0 <= result["variants"]["tower_parallel"]["exchange_wait_share"] < 1
 
 
 def test_bench_model_one_rank_holds_both_towers(tmp_path):

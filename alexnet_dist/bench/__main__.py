@@ -47,16 +47,17 @@ def device_name() -> str:
 
 def markdown_table(result: dict[str, Any]) -> str:
     rows = result.get("variants", {result["what"]: result})
-    lines = ["| variant | images/s | median step s | p95 step s | exchange B/image | peak MiB/rank | TFLOP/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | images/s | median step s | p95 step s | exchange B/image | blocked in exchanges | peak MiB/rank "
+             "| TFLOP/s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         mem = r.get("peak_memory_mb_per_rank", [])
         median = r.get("median_step_s", r.get("median_batch_s", float("nan")))  # data mode: a step is a batch
         p95 = r.get("p95_step_s", r.get("p95_batch_s", float("nan")))
         tflops = f"{r['tflops']:.3g}" if "tflops" in r else ""
+        blocked = f"{100 * r['exchange_wait_share']:.1f} %" if "exchange_wait_share" in r else ""
         lines.append(
             f"| {name} | {r.get('images_per_sec', float('nan')):.1f} | {median:.3f} | {p95:.3f} "
-            f"| {r.get('exchange_bytes_per_image', 0):.0f} | {', '.join(f'{m:.0f}' for m in mem)} | {tflops} |"
+            f"| {r.get('exchange_bytes_per_image', 0):.0f} | {blocked} | {', '.join(f'{m:.0f}' for m in mem)} | {tflops} |"
         )
     if "baseline_images_per_sec" in result and "images_per_sec" in result:
         lines.append(f"\nratio (project / baseline): {result['images_per_sec'] / result['baseline_images_per_sec']:.2f}x")

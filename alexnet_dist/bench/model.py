@@ -39,7 +39,7 @@ from alexnet_dist.exchanges import EXCHANGE_COUNTER
 from alexnet_dist.groups import TowerGroups
 from alexnet_dist.model import CONV_WIDTHS, FC_WIDTH, POOLED, AlexNet, LocalResponseNorm, memory_format_for
 
-__all__ = ["bench_model", "grouped_alexnet_layers"]
+__all__ = ["bench_model", "grouped_alexnet_layers", "matmul_peak_tflops", "numerics_check", "project_variant", "train_flops_per_image"]
 
 PIPELINE_MICRO_BATCHES = 4
 
@@ -92,6 +92,8 @@ def _tower_parallel(rank: int, world: int, cfg: Config, num_classes: int, steps:
     images = per_replica * steps
     _finish(rank, times, per_replica * g.topology.data_parallel_size, out, dict(
         exchange_bytes_per_image=sum(sent.values()) / images,
+        exchange_wait_share=sum(EXCHANGE_COUNTER.seconds_waiting.values()) / sum(times),
+        exchange_wait_share_by_name={k: v / sum(times) for k, v in EXCHANGE_COUNTER.seconds_waiting.items()},
         exchange_bytes_by_name={k: v / images for k, v in sent.items()},
     ))
 
@@ -162,6 +164,11 @@ def _run_variant(name: str, ranks: int, cfg: Config, num_classes: int, steps: in
     result["peak_memory_mb_per_rank"] = [r["peak_memory_mb"] for r in per_rank]
     del result["peak_memory_mb"]
     return result
+
+
+def project_variant(ranks: int) -> str:
+    """The variant that is this project's figure: one tower per rank, or both on one."""
+    return "tower_parallel" if ranks > 1 else "single_process"
 
 
 def _variant_names(ranks: int, baseline: bool) -> list[str]:
@@ -252,7 +259,7 @@ def bench_model(cfg: Config, ranks: int, baseline: bool, steps: int, warmup: int
     for name, v in variants.items():
         v["train_flops_per_image"] = flops["torchvision" if name == "ddp_torchvision" else "paper"]
         v["tflops"] = v["train_flops_per_image"] * v["images_per_sec"] / 1e12
-    ours = variants["tower_parallel" if ranks > 1 else "single_process"]
+    ours = variants[project_variant(ranks)]
     peak, peak_precision = matmul_peak_tflops(cfg.train.precision)
     result = dict(what="model", images_per_sec=ours["images_per_sec"], world_size=ranks,
                   exchange_bytes_per_image=ours["exchange_bytes_per_image"], variants=variants,

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from alexnet_dist.bench.model import bench_model
+from alexnet_dist.bench.model import bench_model, project_variant
 from alexnet_dist.bench.timing import bench_device, peak_memory_mb, summarise, time_steps
 from alexnet_dist.config import Config
 from alexnet_dist.distributed import spawn_ranks
@@ -40,6 +40,7 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, o
     result = dict(
         summarise(times, trainer.global_batch),
         data_wait_share=sum(waits) / sum(times),
+        exchange_wait_share=sum(v for k, v in EXCHANGE_COUNTER.seconds_waiting.items() if k != "input") / sum(times),
         exchange_bytes_per_image=model_bytes / images,
         input_gather_bytes_per_image=EXCHANGE_COUNTER.bytes_sent.get("input", 0) / images,
         peak_memory_mb=peak_memory_mb(device),
@@ -55,7 +56,7 @@ def bench_train(cfg: Config, ranks: int, steps: int, warmup: int) -> dict[str, A
         spawn_ranks(ranks, _train_worker, cfg, steps, warmup, Path(tmp))
         per_rank = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(ranks)]
     cfg.model.num_classes = per_rank[0]["num_classes"]  # the same network, on synthetic input
-    model_only = bench_model(cfg, ranks, baseline=False, steps=steps, warmup=warmup)["variants"]["tower_parallel"]
+    model_only = bench_model(cfg, ranks, baseline=False, steps=steps, warmup=warmup)["variants"][project_variant(ranks)]
     ours = dict(per_rank[0], peak_memory_mb_per_rank=[r["peak_memory_mb"] for r in per_rank])
     del ours["peak_memory_mb"], ours["num_classes"]
     return dict(
