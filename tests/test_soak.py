@@ -80,4 +80,5 @@ def test_500_steps_on_two_ranks_keep_memory_and_open_files_flat(tmp_path_factory
         assert peak_rss <= base_rss * (1 + MAX_RSS_GROWTH), (
             f"rank {rank}: VmRSS {base_rss} KiB at step {base_step} grew to {peak_rss} KiB: {rows}")
         assert max(r[2] for r in after) <= base_fds + MAX_EXTRA_FDS, f"rank {rank}: open files grew: {rows}"
-        assert after[-1][2] <= base_fds, f"rank {rank}: open files at the end above the baseline: {rows}"
+        # A leak stays; a file a rank holds for a moment (a DALI pass starting) may be open at one sample.
+        assert min(r[2] for r in after[-3:]) <= base_fds, f"rank {rank}: open files at the end above the baseline: {rows}"
