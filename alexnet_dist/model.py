@@ -151,7 +151,10 @@ def _apply(layers: list[nn.Module], x: Tensor) -> Tensor:
 
 
 def memory_format_for(device: torch.device) -> torch.memory_format:
-    """NHWC on GPUs (what their convolution kernels want); the default layout on CPUs."""
+    """The layout for input batches: NHWC on GPUs (what their convolution kernels want),
+    the default on CPUs. Parameters stay contiguous: cuDNN takes NHWC from the input
+    alone, and DeepSpeed broadcasts each parameter viewed as bytes, which a
+    channels-last weight (last stride not 1) refuses in bf16/fp16."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 

@@ -123,8 +123,7 @@ class Trainer:
                         towers=g.towers, group=g.pair_group, seed=t.seed, exchange_chunks=t.exchange_chunks)
         for p in model.parameters():
             p.model_parallel = True  # towers hold disjoint weights: clipping sums norms over the pair
-        self.memory_format = memory_format_for(device)
-        model = model.to(memory_format=self.memory_format)
+        self.memory_format = memory_format_for(device)  # of the input batches; parameters stay contiguous
         self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=deepspeed_config(cfg, g.topology.data_parallel_size),

@@ -60,7 +60,7 @@ def _sgd(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 def _prepare(model: nn.Module, cfg: Config) -> nn.Module:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-    return model.to(bench_device(), dtype).to(memory_format=memory_format_for(bench_device()))
+    return model.to(bench_device(), dtype)  # contiguous parameters, as training has them (memory_format_for)
 
 
 def _sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
