@@ -89,7 +89,7 @@ class TrainConfig:
     plateau_patience: int = 1  # epochs without val improvement before lr /= 10
     max_lr_drops: int = 3  # the paper divided the lr by 10 three times
     grad_clip: float = 0.0  # 0 = off
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # DeepSpeed fp16 (loss scaling) or bf16
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # DeepSpeed fp16 (loss scaling; needs zero_stage 1) or bf16
     zero_stage: Literal[0, 1] = 0  # DeepSpeed ZeRO stage (1: optimizer state sharded over replicas)
     exchange_chunks: int = 1  # >1: split the micro batch to overlap exchanges with compute
     eval_every_epochs: int = 1  # validation every this many epochs (and at the end)
@@ -102,6 +102,12 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("train.warmup_steps and train.grad_clip must not be negative")
+        if self.precision == "fp16" and self.zero_stage == 0:
+            # DeepSpeed 0.19's engine scales the loss only for ZeRO optimizers, while its
+            # stage-0 fp16 optimizer still divides the gradients by the loss scale: on an
+            # H100 the network did not learn in 100 steps where bf16 converged in 20.
+            raise ConfigError("train.precision=fp16 needs train.zero_stage=1 (DeepSpeed's stage-0 fp16 "
+                              "optimizer shrinks every update by its loss scale); or use bf16")
 
 
 @dataclass

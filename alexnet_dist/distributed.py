@@ -110,13 +110,15 @@ def init_distributed(info: LaunchInfo, timeout_s: float = 300.0) -> torch.device
     timeout = datetime.timedelta(seconds=timeout_s)
     # DeepSpeed reads these (whatever launcher, or none, found the rank).
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
+    # NCCL told its GPU up front binds each communicator to it (otherwise it guesses from the rank).
+    bound = {"device_id": device} if device.type == "cuda" else {}
     if info.world_size == 1:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **bound)
     else:
         os.environ.update(MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
         dist.init_process_group(
             backend, init_method=f"tcp://{info.master_addr}:{info.master_port}",
-            rank=info.rank, world_size=info.world_size, timeout=timeout,
+            rank=info.rank, world_size=info.world_size, timeout=timeout, **bound,
         )
     return device
 

@@ -49,8 +49,11 @@ def test_single_process_equals_two_ranks(two_rank_run, tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_four_ranks_equal_two_ranks_at_the_same_global_batch(two_rank_run, tmp_path, cache):
-    check(train("deepspeed", 4, tmp_path, *EXACT, "train.max_steps=4", "train.micro_batch_size=4", cache=cache))
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_four_ranks_equal_two_ranks_at_the_same_global_batch(zero_stage, two_rank_run, tmp_path, cache):
+    """Also with ZeRO 1: optimizer state sharded over the two replicas, the same steps."""
+    check(train("deepspeed", 4, tmp_path, *EXACT, "train.max_steps=4", "train.micro_batch_size=4",
+                f"train.zero_stage={zero_stage}", cache=cache))
     _close(losses(tmp_path), losses(two_rank_run))
 
 
@@ -94,6 +97,7 @@ def test_export_loads_into_alexnet_with_the_same_logits(two_rank_run, tmp_path):
     (["train.nonsense=1"], "unknown config key train.nonsense"),
     (["train.lr=fast"], "train.lr must be float"),
     (["data.train_dir=/no/such/folder"], "/no/such/folder"),
+    (["train.precision=fp16"], "train.precision=fp16 needs train.zero_stage=1"),
 ])
 def test_user_errors_are_one_line_and_non_zero(sets, message, tmp_path, cache):
     result = train("python", 1, tmp_path, *sets, cache=cache, timeout=120)
