@@ -45,8 +45,9 @@ def test_bench_model_with_baselines(tmp_path):
 
 
 def test_bench_model_one_rank_holds_both_towers(tmp_path):
-    result = _bench("model", tmp_path, "--ranks", "1", "--set", "train.precision=bf16")
-    assert result["world_size"] == 1 and set(result["variants"]) == {"single_process"}
+    result = _bench("model", tmp_path, "--ranks", "1", "--set", "train.precision=bf16", "--baseline", "--rounds", "2")
+    assert result["world_size"] == 1 and set(result["variants"]) == {"single_process", "ddp_torchvision"}
+    assert result["rounds"] == 2 and len(result["ratios_per_round"]) == 2
     assert result["exchange_bytes_per_image"] == 0
     # one image's forward and backward at width 1/8, 64 px, counted by torch's FLOP counter
     assert result["variants"]["single_process"]["train_flops_per_image"] > 1e6
@@ -67,6 +68,7 @@ def test_bench_train_end_to_end(tmp_path):
     assert result["exchange_bytes_per_image"] > 0
     assert 0 < result["end_to_end_vs_model_only"]
     assert 0 <= result["variants"]["end_to_end"]["data_wait_share"] < 1
+    assert result["rounds"] == 1 and len(result["ratios_per_round"]) == 1
 
 
 def test_bench_data_without_dali_measures_the_baselines_or_says_why(tmp_path, monkeypatch):
@@ -81,8 +83,8 @@ def test_bench_data_without_dali_measures_the_baselines_or_says_why(tmp_path, mo
 
     monkeypatch.setattr(data_pipeline.feeds, "load_dali", no_dali)
     cfg = load_config(str(BENCH_CONFIG), [*TINY, f"data.cache_dir={tmp_path}"])
-    result = bench_data(cfg, baseline=True, steps=1, warmup=0)
+    result = bench_data(cfg, baseline=True, steps=1, warmup=0, rounds=1)
     assert "dali" not in result["variants"] and "images_per_sec" not in result
     assert result["baseline_images_per_sec"] > 0 and "DALI" in result["dali_missing"]
     with pytest.raises(DataError, match="DALI is not importable"):
-        bench_data(cfg, baseline=False, steps=1, warmup=0)
+        bench_data(cfg, baseline=False, steps=1, warmup=0, rounds=1)

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ranks", type=int, default=2, help="ranks to start (model, train)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--rounds", type=int, help="run the variants this many times in turn and report each one's "
+                   "median round, so drift on the machine hits all alike (default: 3 for data --baseline, else 1)")
     return p.parse_args(argv)
 
 
@@ -71,18 +73,22 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, args.set)
+    rounds = args.rounds if args.rounds is not None else (3 if args.what == "data" and args.baseline else 1)
+    if rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {rounds}")
     if args.what == "model":
         from alexnet_dist.bench.model import bench_model
 
-        result = bench_model(cfg, args.ranks, args.baseline, args.steps, args.warmup)
+        result = bench_model(cfg, args.ranks, args.baseline, args.steps, args.warmup, rounds)
     elif args.what == "data":
         from alexnet_dist.bench.data import bench_data
 
-        result = bench_data(cfg, args.baseline, args.steps, args.warmup)
+        result = bench_data(cfg, args.baseline, args.steps, args.warmup, rounds)
     else:
         from alexnet_dist.bench.train import bench_train
 
-        result = bench_train(cfg, args.ranks, args.steps, args.warmup)
+        result = bench_train(cfg, args.ranks, args.steps, args.warmup, rounds)
+    result["rounds"] = rounds
     result.update(device=device_name(), date=datetime.date.today().isoformat(),
                   command="python -m alexnet_dist.bench " + " ".join(sys.argv[1:]))
     return result

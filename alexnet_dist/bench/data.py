@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alexnet_dist.bench.timing import bench_device
+from alexnet_dist.bench.timing import bench_device, median_round
 from alexnet_dist.config import Config
 from alexnet_dist.metrics import say
 from data_pipeline import DataError
@@ -21,7 +21,6 @@ from data_pipeline import DataError
 __all__ = ["bench_data"]
 
 PHOTOS = 512
-ROUNDS = 3
 
 
 def _photos(cfg: Config) -> str:
@@ -49,12 +48,7 @@ def _dali_missing() -> str | None:
     return None
 
 
-def _median_round(rounds: list[dict]) -> dict:
-    """The round with the median images/s, with that median."""
-    return sorted(rounds, key=lambda r: r["images_per_sec"])[len(rounds) // 2]
-
-
-def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int) -> dict[str, Any]:
+def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int, rounds: int) -> dict[str, Any]:
     from data_pipeline import list_images
     from data_pipeline.throughput import measure_pipeline, measure_torchvision_baseline, measure_torchvision_decode_jpeg
 
@@ -65,15 +59,15 @@ def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int) -> dict[str
     device = bench_device()
     common = dict(batch_size=cfg.train.micro_batch_size, steps=steps, warmup=warmup,
                   image_size=cfg.data.image_size, resize=cfg.data.resize)
-    rounds: dict[str, list[dict]] = {"dali": [], "torchvision_dataloader": [], "torchvision_decode_jpeg": []}
-    for _ in range(ROUNDS if baseline else 1):
+    runs: dict[str, list[dict]] = {"dali": [], "torchvision_dataloader": [], "torchvision_decode_jpeg": []}
+    for _ in range(rounds):
         if not missing:
-            rounds["dali"].append(measure_pipeline(images, augment=cfg.data.augment, num_threads=cfg.data.num_threads,
+            runs["dali"].append(measure_pipeline(images, augment=cfg.data.augment, num_threads=cfg.data.num_threads,
                                                    prefetch=cfg.data.prefetch, device=device, **common))
         if baseline:
-            rounds["torchvision_dataloader"].append(measure_torchvision_baseline(images, **common))
-            rounds["torchvision_decode_jpeg"].append(measure_torchvision_decode_jpeg(images, device=device, **common))
-    variants = {name: _median_round(r) for name, r in rounds.items() if r}
+            runs["torchvision_dataloader"].append(measure_torchvision_baseline(images, **common))
+            runs["torchvision_decode_jpeg"].append(measure_torchvision_decode_jpeg(images, device=device, **common))
+    variants = {name: median_round(r) for name, r in runs.items() if r}
     result: dict[str, Any] = dict(what="data", world_size=1, variants=variants)
     if missing:
         say(f"warning: {missing}; measured the baselines only")
@@ -86,5 +80,5 @@ def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int) -> dict[str
         result["baseline_images_per_sec"] = variants["torchvision_dataloader"]["images_per_sec"]
     if baseline and not missing:
         result["ratios_per_round"] = [d["images_per_sec"] / b["images_per_sec"]
-                                      for d, b in zip(rounds["dali"], rounds["torchvision_dataloader"])]
+                                      for d, b in zip(runs["dali"], runs["torchvision_dataloader"])]
     return result

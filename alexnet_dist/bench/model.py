@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet_dist.bench.timing import bench_device, peak_memory_mb, summarise, time_steps
+from alexnet_dist.bench.timing import bench_device, median_round, peak_memory_mb, summarise, time_steps
 from alexnet_dist.config import Config
 from alexnet_dist.distributed import spawn_ranks
 from alexnet_dist.exchanges import EXCHANGE_COUNTER
 from alexnet_dist.groups import TowerGroups
 from alexnet_dist.model import CONV_WIDTHS, FC_WIDTH, POOLED, AlexNet, LocalResponseNorm, memory_format_for
 
-__all__ = ["bench_model", "grouped_alexnet_layers", "matmul_peak_tflops", "numerics_check", "project_variant", "train_flops_per_image"]
+__all__ = ["bench_model", "grouped_alexnet_layers", "matmul_peak_tflops", "numerics_check", "project_variant", "run_variant", "train_flops_per_image"]
 
 PIPELINE_MICRO_BATCHES = 4
 
@@ -156,7 +156,7 @@ VARIANTS = {
 }
 
 
-def _run_variant(name: str, ranks: int, cfg: Config, num_classes: int, steps: int, warmup: int) -> dict[str, Any]:
+def run_variant(name: str, ranks: int, cfg: Config, num_classes: int, steps: int, warmup: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         spawn_ranks(ranks, VARIANTS[name], cfg, num_classes, steps, warmup, Path(tmp))
         per_rank = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(ranks)]
@@ -245,16 +245,23 @@ def _devices_used(ranks: int) -> int:
     return min(ranks, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
-def bench_model(cfg: Config, ranks: int, baseline: bool, steps: int, warmup: int) -> dict[str, Any]:
-    """Run the variants and return the contract's JSON object (``variants`` holds each one)."""
-    num_classes = cfg.model.num_classes or 1000
+def _one_round(cfg: Config, ranks: int, baseline: bool, steps: int, warmup: int, num_classes: int) -> dict[str, dict]:
     variants = {}
     for name in _variant_names(ranks, baseline):
-        variants[name] = _run_variant(name, 1 if name == "single_process" else ranks, cfg, num_classes, steps, warmup)
+        variants[name] = run_variant(name, 1 if name == "single_process" else ranks, cfg, num_classes, steps, warmup)
     if cfg.train.exchange_chunks > 1 and ranks > 1:
         no_overlap = copy.deepcopy(cfg)
         no_overlap.train.exchange_chunks = 1
-        variants["tower_parallel_no_overlap"] = _run_variant("tower_parallel", ranks, no_overlap, num_classes, steps, warmup)
+        variants["tower_parallel_no_overlap"] = run_variant("tower_parallel", ranks, no_overlap, num_classes, steps, warmup)
+    return variants
+
+
+def bench_model(cfg: Config, ranks: int, baseline: bool, steps: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
+    """Run the variants, alternated over ``rounds``, and return the contract's JSON object
+    (``variants`` holds each one's median round)."""
+    num_classes = cfg.model.num_classes or 1000
+    runs = [_one_round(cfg, ranks, baseline, steps, warmup, num_classes) for _ in range(rounds)]
+    variants = {name: median_round([r[name] for r in runs]) for name in runs[0]}
     flops = _flops(cfg, num_classes)
     for name, v in variants.items():
         v["train_flops_per_image"] = flops["torchvision" if name == "ddp_torchvision" else "paper"]
@@ -269,4 +276,6 @@ def bench_model(cfg: Config, ranks: int, baseline: bool, steps: int, warmup: int
                   numerics=numerics_check(cfg, num_classes))
     if baseline:
         result["baseline_images_per_sec"] = variants["ddp_torchvision"]["images_per_sec"]
+        result["ratios_per_round"] = [r[project_variant(ranks)]["images_per_sec"] / r["ddp_torchvision"]["images_per_sec"]
+                                      for r in runs]
     return result

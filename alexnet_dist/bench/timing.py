@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["bench_device", "peak_memory_mb", "summarise", "time_steps"]
+__all__ = ["bench_device", "median_round", "peak_memory_mb", "summarise", "time_steps"]
 
 
 def bench_device() -> torch.device:
@@ -58,6 +58,11 @@ def summarise(times: list[float], images_per_step: int) -> dict[str, float]:
         median_step_s=statistics.median(times),
         p95_step_s=p95,
     )
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """Of one variant's rounds, the one with the median images/s (its figures stay together)."""
+    return sorted(rounds, key=lambda r: r["images_per_sec"])[len(rounds) // 2]
 
 
 def peak_memory_mb(device: torch.device) -> float:

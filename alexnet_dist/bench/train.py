@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from alexnet_dist.bench.model import bench_model, project_variant
-from alexnet_dist.bench.timing import bench_device, peak_memory_mb, summarise, time_steps
+from alexnet_dist.bench.model import project_variant, run_variant
+from alexnet_dist.bench.timing import bench_device, median_round, peak_memory_mb, summarise, time_steps
 from alexnet_dist.config import Config
 from alexnet_dist.distributed import spawn_ranks
 from alexnet_dist.exchanges import EXCHANGE_COUNTER
@@ -49,20 +49,31 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, o
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def bench_train(cfg: Config, ranks: int, steps: int, warmup: int) -> dict[str, Any]:
+def _end_to_end(cfg: Config, ranks: int, steps: int, warmup: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg.run.dir = str(Path(tmp) / "run")
         cfg.train.max_steps = None
         spawn_ranks(ranks, _train_worker, cfg, steps, warmup, Path(tmp))
         per_rank = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(ranks)]
-    cfg.model.num_classes = per_rank[0]["num_classes"]  # the same network, on synthetic input
-    model_only = bench_model(cfg, ranks, baseline=False, steps=steps, warmup=warmup)["variants"][project_variant(ranks)]
     ours = dict(per_rank[0], peak_memory_mb_per_rank=[r["peak_memory_mb"] for r in per_rank])
-    del ours["peak_memory_mb"], ours["num_classes"]
+    del ours["peak_memory_mb"]
+    return ours
+
+
+def bench_train(cfg: Config, ranks: int, steps: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
+    """End to end and the model-only rate of the same network (synthetic input),
+    alternated over ``rounds``; each variant's median round is reported."""
+    runs: dict[str, list[dict]] = {"end_to_end": [], "model_only": []}
+    for _ in range(rounds):
+        runs["end_to_end"].append(_end_to_end(cfg, ranks, steps, warmup))
+        num_classes = runs["end_to_end"][-1].pop("num_classes")  # the same network, on synthetic input
+        runs["model_only"].append(run_variant(project_variant(ranks), ranks, cfg, num_classes, steps, warmup))
+    ours, model_only = median_round(runs["end_to_end"]), median_round(runs["model_only"])
     return dict(
         what="train", images_per_sec=ours["images_per_sec"], world_size=ranks,
         exchange_bytes_per_image=ours["exchange_bytes_per_image"],
         model_only_images_per_sec=model_only["images_per_sec"],
         end_to_end_vs_model_only=ours["images_per_sec"] / model_only["images_per_sec"],
+        ratios_per_round=[e["images_per_sec"] / m["images_per_sec"] for e, m in zip(*runs.values())],
         variants={"end_to_end": ours, "model_only": model_only},
     )
