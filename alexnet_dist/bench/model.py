@@ -39,7 +39,10 @@ from alexnet_dist.exchanges import EXCHANGE_COUNTER
 from alexnet_dist.groups import TowerGroups
 from alexnet_dist.model import CONV_WIDTHS, FC_WIDTH, POOLED, AlexNet, LocalResponseNorm, memory_format_for
 
-__all__ = ["bench_model", "grouped_alexnet_layers", "matmul_peak_tflops", "numerics_check", "project_variant", "run_variant", "train_flops_per_image"]
+__all__ = [
+    "bench_model", "grouped_alexnet_layers", "matmul_peak_tflops", "numerics_check", "project_variant", "run_variant",
+    "train_flops_per_image",
+]
 
 PIPELINE_MICRO_BATCHES = 4
 
@@ -228,16 +231,14 @@ def numerics_check(cfg: Config, num_classes: int, batch: int = 4) -> dict[str, f
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size, generator=g, dtype=torch.float64)
     y = torch.randint(0, num_classes, (batch,), generator=g)
-    errors = {}
     outputs = []
     for model, xs in ((ref, x), (test, x.to(next(test.parameters()).dtype).to(bench_device()))):
         xs = xs.contiguous(memory_format=memory_format_for(xs.device))
         logits = model(xs)
         F.cross_entropy(logits.double(), y.to(xs.device)).backward()
-        outputs.append((logits.double().cpu(), next(model.parameters()).grad.double().cpu()))
-    for name, (want, got) in zip(("logits_rel_error", "conv1_grad_rel_error"), zip(*outputs)):
-        errors[name] = float((got - want).norm() / want.norm())
-    return errors
+        outputs.append((logits.detach().double().cpu(), next(model.parameters()).grad.double().cpu()))
+    names = ("logits_rel_error", "conv1_grad_rel_error")
+    return {name: float((got - want).norm() / want.norm()) for name, (want, got) in zip(names, zip(*outputs))}
 
 
 def _devices_used(ranks: int) -> int:
