@@ -68,6 +68,22 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, inter
         time.sleep(interval)
 
 
+def wait_for_steps(run_dir: Path, steps: int = 3) -> None:
+    """Until ``run_dir``'s metrics.jsonl holds ``steps`` training steps: the job is training."""
+    wait_until(lambda: len(metric_steps(run_dir)) >= steps, 240, f"step {steps} in metrics.jsonl")
+
+
+def wait_for_ranks(n: int, *, launcher_pid: int | None = None, run_dir: Path | None = None) -> dict[int, psutil.Process]:
+    """The job's ``n`` rank processes (found as :func:`rank_processes` finds them), once all are up."""
+    return wait_until(lambda: (r := rank_processes(launcher_pid=launcher_pid, run_dir=run_dir)) and len(r) == n and r,
+                      30, f"{n} rank processes")
+
+
+def wait_until_gone(alive: Callable[[], object], since: float, deadline: float) -> None:
+    """Until ``alive()`` is falsy, at most ``deadline`` s after ``since`` (a ``time.monotonic()``)."""
+    wait_until(lambda: not alive(), deadline - (time.monotonic() - since), "every rank to exit")
+
+
 def metric_steps(run_dir: Path) -> list[int]:
     """Training steps logged so far (tolerates a line being written right now)."""
     try:

@@ -29,7 +29,7 @@ from alexnet_dist.distributed import free_port
 from tests.cluster import emulated_cluster, local_slurm_cluster  # noqa: F401 (fixture)
 from tests.reliability import (
     EXACT, FAULT_SETS, Job, close, dataset_cache, error_lines, losses, metric_steps, rank_processes,
-    reference_run, set_args, wait_until,
+    reference_run, set_args, wait_for_ranks, wait_for_steps, wait_until_gone,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -113,20 +113,25 @@ def test_sbatch_trains_on_two_tasks_like_deepspeed_two_ranks(local_slurm_cluster
     close(losses(run), losses(reference), rel=1e-4)
 
 
+def _start_long_job(cluster, run: Path, cache: Path, tmp_path: Path) -> Job:
+    """A 2-node x 2-slot job over pdsh that would train far longer than any test waits."""
+    return Job.start(_deepspeed(cluster, cluster.hostfile, run, cache, *FAULT_SETS, "train.max_steps=1000"),
+                     tmp_path / "job.log", env=_env(cluster))
+
+
 @pytest.mark.timeout(300)
 def test_kill_9_of_a_rank_on_node2_stops_both_nodes_naming_it(cluster, cache, tmp_path):
     run = tmp_path / "run"
-    job = Job.start(_deepspeed(cluster, cluster.hostfile, run, cache, *FAULT_SETS, "train.max_steps=1000"),
-                    tmp_path / "job.log", env=_env(cluster))
+    job = _start_long_job(cluster, run, cache, tmp_path)
     try:
-        wait_until(lambda: len(metric_steps(run)) >= 3, 240, "step 3 in metrics.jsonl")
-        ranks = wait_until(lambda: (r := rank_processes(run_dir=run)) and len(r) == 4 and r, 30, "4 ranks")
+        wait_for_steps(run)
+        ranks = wait_for_ranks(4, run_dir=run)
         victim = ranks[3]
         assert victim.pid != ranks[0].pid
         killed_at = time.monotonic()
         victim.kill()
         rc = job.wait(60)
-        wait_until(lambda: not rank_processes(run_dir=run), 60 - (time.monotonic() - killed_at), "every rank to exit")
+        wait_until_gone(lambda: rank_processes(run_dir=run), killed_at, 60)
     finally:
         job.kill()
     out = job.output()
@@ -141,15 +146,14 @@ def test_kill_9_of_a_rank_on_node2_stops_both_nodes_naming_it(cluster, cache, tm
 @pytest.mark.timeout(300)
 def test_sigterm_to_the_pdsh_launcher_checkpoints_then_every_node_exits(cluster, cache, tmp_path):
     run = tmp_path / "run"
-    job = Job.start(_deepspeed(cluster, cluster.hostfile, run, cache, *FAULT_SETS, "train.max_steps=1000"),
-                    tmp_path / "job.log", env=_env(cluster))
+    job = _start_long_job(cluster, run, cache, tmp_path)
     try:
-        wait_until(lambda: len(metric_steps(run)) >= 3, 240, "step 3 in metrics.jsonl")
-        wait_until(lambda: len(rank_processes(run_dir=run)) == 4, 30, "4 ranks")
+        wait_for_steps(run)
+        wait_for_ranks(4, run_dir=run)
         os.killpg(job.pid, signal.SIGTERM)
         sent = time.monotonic()
         job.wait(60)
-        wait_until(lambda: not rank_processes(run_dir=run), 60 - (time.monotonic() - sent), "every rank to exit")
+        wait_until_gone(lambda: rank_processes(run_dir=run), sent, 60)
     finally:
         job.kill()
     # The launcher's ssh sessions are gone by the time the ranks stop: what rank 0 said

@@ -35,8 +35,8 @@ import torch
 
 from alexnet_dist.checkpoint import Checkpoints, merged_model_state
 from tests.reliability import (
-    FAULT_SETS, Job, check, close, dataset_cache, error_lines, losses, metric_steps, rank_processes,
-    reference_run, train, wait_until,
+    FAULT_SETS, Job, check, close, dataset_cache, error_lines, losses, metric_steps,
+    reference_run, train, wait_for_ranks, wait_for_steps, wait_until, wait_until_gone,
 )
 
 STEPS = 12  # the reference run; faults come at step 3 or later
@@ -56,33 +56,26 @@ def reference(tmp_path_factory) -> Path:
     return reference_run(tmp_path_factory, "deepspeed", 2, *FAULT_SETS, f"train.max_steps={STEPS}")
 
 
-def _resume(run: Path, cache: Path) -> subprocess.CompletedProcess:
-    return check(train("deepspeed", 2, run, *FAULT_SETS, f"train.max_steps={STEPS}", cache=cache, timeout=300))
-
-
-def _resumed_step(result: subprocess.CompletedProcess) -> int:
+def _assert_resumes_like_the_reference(run: Path, cache: Path, reference: Path, step: int) -> None:
+    """Restarting the job in ``run`` resumes from ``step`` and ends with the reference's losses."""
+    result = check(train("deepspeed", 2, run, *FAULT_SETS, f"train.max_steps={STEPS}", cache=cache, timeout=300))
     m = re.search(r"resumed from step (\d+)", result.stdout)
-    assert m, result.stdout[-3000:]
-    return int(m.group(1))
+    assert m and int(m.group(1)) == step, result.stdout[-3000:]
+    close(losses(run), losses(reference), rel=1e-6)
 
 
 def _kill_rank(job: Job, rank: int) -> int:
-    ranks = wait_until_ranks(job, 2)
+    ranks = wait_for_ranks(2, launcher_pid=job.pid)
     pid = ranks[rank].pid
     os.kill(pid, signal.SIGKILL)
     return pid
-
-
-def wait_until_ranks(job: Job, n: int) -> dict:
-    return wait_until(lambda: (r := rank_processes(launcher_pid=job.pid)) and len(r) == n and r,
-                      30, f"{n} rank processes under the launcher")
 
 
 def _assert_fails_fast_naming(job: Job, dead_rank: int, dead_pid: int, killed_at: float) -> str:
     """The launcher exits non-zero and every process of the job is gone within DEADLINE;
     the survivors' error lines name the dead rank with its pid."""
     rc = job.wait(DEADLINE)
-    wait_until(lambda: not job.group_alive(), DEADLINE - (time.monotonic() - killed_at), "every rank to exit")
+    wait_until_gone(job.group_alive, killed_at, DEADLINE)
     out = job.output()
     assert rc != 0, out[-4000:]
     assert time.monotonic() - killed_at < DEADLINE
@@ -102,7 +95,7 @@ def test_kill_9_of_a_rank_fails_fast_naming_it_and_resume_loses_at_most_the_step
     run = tmp_path / "run"
     job = Job.train("deepspeed", 2, run, cache, *FAULT_SETS, LONG)
     try:
-        wait_until(lambda: len(metric_steps(run)) >= 3, 240, "step 3 in metrics.jsonl")
+        wait_for_steps(run)
         killed_at = time.monotonic()
         pid = _kill_rank(job, 1)
         _assert_fails_fast_naming(job, 1, pid, killed_at)
@@ -124,9 +117,7 @@ def test_kill_9_of_a_rank_fails_fast_naming_it_and_resume_loses_at_most_the_step
     model = partial / "mp_rank_01_model_states.pt"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 3])
 
-    resumed = _resume(run, cache)
-    assert _resumed_step(resumed) == done
-    close(losses(run), losses(reference), rel=1e-6)
+    _assert_resumes_like_the_reference(run, cache, reference, done)
 
 
 @pytest.mark.slow
@@ -139,12 +130,12 @@ def test_sigterm_to_the_launcher_group_checkpoints_then_exits_and_resume_continu
     run = tmp_path / "run"
     job = Job.train("deepspeed", 2, run, cache, *FAULT_SETS, LONG)
     try:
-        wait_until(lambda: len(metric_steps(run)) >= 3, 240, "step 3 in metrics.jsonl")
-        wait_until_ranks(job, 2)
+        wait_for_steps(run)
+        wait_for_ranks(2, launcher_pid=job.pid)
         os.killpg(job.pid, signal.SIGTERM)
         sent = time.monotonic()
         job.wait(DEADLINE)
-        wait_until(lambda: not job.group_alive(), DEADLINE - (time.monotonic() - sent), "every rank to exit")
+        wait_until_gone(job.group_alive, sent, DEADLINE)
     finally:
         job.kill()
     out = job.output()
@@ -156,9 +147,7 @@ def test_sigterm_to_the_launcher_group_checkpoints_then_exits_and_resume_continu
     assert max(metric_steps(run)) == stopped  # nothing trained past the checkpoint
     assert stopped < STEPS, "the job ran too far before SIGTERM arrived for the resume to be tested"
 
-    resumed = _resume(run, cache)
-    assert _resumed_step(resumed) == stopped
-    close(losses(run), losses(reference), rel=1e-6)
+    _assert_resumes_like_the_reference(run, cache, reference, stopped)
 
 
 @pytest.mark.slow
@@ -196,9 +185,7 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_the_previous_complete_on
     assert not (target.parent / "COMPLETE").exists()
     assert Checkpoints(run).newest().name == Checkpoints.tag(2)
 
-    resumed = _resume(run, cache)
-    assert _resumed_step(resumed) == 2
-    close(losses(run), losses(reference), rel=1e-6)
+    _assert_resumes_like_the_reference(run, cache, reference, 2)
 
 
 def _read_available(fd: int) -> bytes:
@@ -248,8 +235,8 @@ def test_a_hung_rank_makes_the_other_fail_after_the_collective_timeout_naming_it
     run = tmp_path / "run"
     job = Job.train("deepspeed", 2, run, cache, *FAULT_SETS, LONG, "run.collective_timeout_s=10")
     try:
-        wait_until(lambda: len(metric_steps(run)) >= 3, 240, "step 3 in metrics.jsonl")
-        ranks = wait_until_ranks(job, 2)
+        wait_for_steps(run)
+        ranks = wait_for_ranks(2, launcher_pid=job.pid)
         hung, survivor = ranks[1], ranks[0]
         os.kill(hung.pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
