@@ -61,7 +61,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {name} | {r.get('images_per_sec', float('nan')):.1f} | {median:.3f} | {p95:.3f} "
             f"| {r.get('exchange_bytes_per_image', 0):.0f} | {blocked} | {', '.join(f'{m:.0f}' for m in mem)} | {tflops} |"
         )
-    if "baseline_images_per_sec" in result and "images_per_sec" in result:
+    if "baseline_images_per_sec" in result and result["images_per_sec"] > 0:
         lines.append(f"\nratio (project / baseline): {result['images_per_sec'] / result['baseline_images_per_sec']:.2f}x")
     if "peak_fraction" in result:
         lines.append(f"share of this device's measured {result['matmul_peak_precision']} matrix-product rate "
