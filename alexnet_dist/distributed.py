@@ -11,6 +11,7 @@ Sources, first match wins:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -20,7 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["LaunchInfo", "discover", "free_port", "init_distributed", "is_rank0", "rank0", "spawn_ranks"]
+__all__ = [
+    "LaunchInfo", "discover", "free_port", "init_distributed", "is_rank0", "rank0", "spawn_ranks",
+    "unlink_deepspeed_shm",
+]
 
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 
@@ -121,6 +125,24 @@ def init_distributed(info: LaunchInfo, timeout_s: float = 300.0) -> torch.device
             rank=info.rank, world_size=info.world_size, timeout=timeout, **bound,
         )
     return device
+
+
+def unlink_deepspeed_shm() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm. Collective.
+
+    With every rank on one host (the launcher's LOCAL_SIZE equals the world size),
+    DeepSpeed 0.19.8 backs its CPU all-reduce with one 69 MB /dev/shm file per rank and
+    never unlinks it (ops/csrc/cpu/comm/shm.cpp): each run would leave them in RAM for
+    good. An unlinked file stays mapped where it is open; after the barrier every rank
+    has opened every file, so each rank can drop its own name right after DeepSpeed starts.
+    """
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    env = os.environ
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+            f"{env.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):  # DeepSpeed made none (ranks on several hosts, GPUs)
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def is_rank0() -> bool:

@@ -21,7 +21,7 @@ import yaml
 from alexnet_dist import exchanges, faults
 from alexnet_dist.checkpoint import CheckpointError, Checkpoints
 from alexnet_dist.config import Config, ConfigError, deepspeed_config, load_config
-from alexnet_dist.distributed import discover, init_distributed, is_rank0
+from alexnet_dist.distributed import discover, init_distributed, is_rank0, unlink_deepspeed_shm
 from alexnet_dist.groups import TowerGroups
 from alexnet_dist.metrics import MetricsLog, Progress, say
 from alexnet_dist.model import AlexNet, memory_format_for
@@ -129,6 +129,7 @@ class Trainer:
             model=model, optimizer=self.optimizer, config=deepspeed_config(cfg, g.topology.data_parallel_size),
             mpu=g, dist_init_required=False,
         )
+        unlink_deepspeed_shm()
         self.schedule = LRSchedule(t, self.total_steps, self.global_batch, self.steps_per_epoch)
         self.checkpoints = Checkpoints(cfg.run.dir, cfg.run.keep_last)
         self.metrics = MetricsLog(cfg.run.dir)

@@ -4,6 +4,7 @@ promise, resume, export and the user errors."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +41,17 @@ def test_deepspeed_two_ranks_writes_the_contract_outputs(two_rank_run):
     assert 0 <= val[-1]["top1"] <= val[-1]["top5"] <= 1
     assert (two_rank_run / "config.yaml").is_file()
     assert Checkpoints(two_rank_run).newest() is not None
+
+
+def test_a_run_leaves_no_shared_memory_behind(tmp_path, cache):
+    """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm file per rank (RAM); every run
+    used to leave its files there."""
+    def buffers() -> set[Path]:
+        return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+
+    before = buffers()
+    check(train("deepspeed", 2, tmp_path, "train.max_steps=1", cache=cache))
+    assert buffers() - before == set()
 
 
 def test_single_process_equals_two_ranks(two_rank_run, tmp_path, cache):
