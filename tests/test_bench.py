@@ -66,8 +66,11 @@ def test_bench_data_with_baseline(tmp_path):
 def test_bench_train_end_to_end(tmp_path):
     result = _bench("train", tmp_path)
     assert result["exchange_bytes_per_image"] > 0
-    assert 0 < result["end_to_end_vs_model_only"]
+    assert 0 < result["end_to_end_vs_model_only"] and 0 < result["model_only_vs_plain_loop"]
+    assert set(result["variants"]) == {"end_to_end", "model_only", "plain_loop"}
     assert 0 <= result["variants"]["end_to_end"]["data_wait_share"] < 1
+    assert result["variants"]["model_only"]["data_wait_share"] < result["variants"]["end_to_end"]["data_wait_share"]
+    assert 0 < result["input_cpu_share"] < 1  # the DALI threads' work shows in the CPU time
     assert result["rounds"] == 1 and len(result["ratios_per_round"]) == 1
 
 

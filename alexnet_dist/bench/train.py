@@ -1,11 +1,26 @@
 """``bench train``: end to end -- JPEGs through DALI, the pair's batch gather, the
-exchanges and the DeepSpeed step -- beside the model-only rate of the same config."""
+exchanges and the DeepSpeed step -- beside the same training step fed from memory.
+
+Three variants, alternated over rounds:
+
+* ``end_to_end``: the trainer's step on the DALI feed, as ``train.py`` runs it;
+* ``model_only``: the same trainer step (DeepSpeed engine included) on one real batch
+  held in memory, so ``end_to_end / model_only`` is what the input costs;
+* ``plain_loop``: ``bench model``'s loop of the same network without DeepSpeed
+  (forward, backward, ``torch.optim.SGD``), so ``model_only / plain_loop`` is what
+  DeepSpeed's engine costs.
+
+Each rank also counts its process's CPU seconds per step (DALI's threads included):
+the input's share of the CPU is ``1 - model_only / end_to_end`` of those.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +33,17 @@ from alexnet_dist.exchanges import EXCHANGE_COUNTER
 __all__ = ["bench_train"]
 
 
-def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, out: Path) -> None:
+def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, in_memory: bool, out: Path) -> None:
     from alexnet_dist.training import Trainer
 
     device = bench_device()
     trainer = Trainer(cfg, device)
     batches = trainer.micro_batches()
+    if in_memory:
+        batches = itertools.repeat(next(batches))  # one real batch, again and again
+        trainer.feed.close()  # DALI's threads stop
     waits: list[float] = []
+    cpu_start = 0.0
 
     def step() -> None:
         _, waited = trainer.train_step(batches)
@@ -32,15 +51,19 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, o
         trainer.step += 1
 
     def reset() -> None:
+        nonlocal cpu_start
         waits.clear()
         EXCHANGE_COUNTER.reset()
+        cpu_start = time.process_time()  # every thread of this rank, DALI's included
 
     times = time_steps(step, steps, warmup, device, after_warmup=reset)
+    cpu = time.process_time() - cpu_start
     images = cfg.train.micro_batch_size * cfg.train.grad_accum * steps
     model_bytes = sum(v for k, v in EXCHANGE_COUNTER.bytes_sent.items() if k != "input")
     result = dict(
         summarise(times, trainer.global_batch),
         data_wait_share=sum(waits) / sum(times),
+        cpu_seconds_per_step=cpu / steps,
         exchange_wait_share=sum(v for k, v in EXCHANGE_COUNTER.seconds_waiting.items() if k != "input") / sum(times),
         exchange_bytes_per_image=model_bytes / images,
         input_gather_bytes_per_image=EXCHANGE_COUNTER.bytes_sent.get("input", 0) / images,
@@ -50,32 +73,42 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, o
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def _end_to_end(cfg: Config, ranks: int, steps: int, warmup: int) -> dict[str, Any]:
+def _trainer_run(cfg: Config, ranks: int, steps: int, warmup: int, in_memory: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg.run.dir = str(Path(tmp) / "run")
         cfg.train.max_steps = None
-        spawn_ranks(ranks, _train_worker, cfg, steps, warmup, Path(tmp))
+        spawn_ranks(ranks, _train_worker, cfg, steps, warmup, in_memory, Path(tmp))
         per_rank = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(ranks)]
-    ours = dict(per_rank[0], peak_memory_mb_per_rank=[r["peak_memory_mb"] for r in per_rank])
+    ours = dict(per_rank[0], peak_memory_mb_per_rank=[r["peak_memory_mb"] for r in per_rank],
+                cpu_seconds_per_step=sum(r["cpu_seconds_per_step"] for r in per_rank))  # all ranks
     del ours["peak_memory_mb"]
     return ours
 
 
+def _ratios(runs: dict[str, list[dict]], top: str, bottom: str) -> list[float]:
+    """``top``'s images/s over ``bottom``'s, round by round."""
+    return [a["images_per_sec"] / b["images_per_sec"] for a, b in zip(runs[top], runs[bottom])]
+
+
 def bench_train(cfg: Config, ranks: int, steps: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
-    """End to end and the model-only rate of the same network (synthetic input),
-    alternated over ``rounds``; each variant's median round is reported."""
-    runs: dict[str, list[dict]] = {"end_to_end": [], "model_only": []}
+    """The three variants alternated over ``rounds``; each one's median round is reported."""
+    runs: dict[str, list[dict]] = {"end_to_end": [], "model_only": [], "plain_loop": []}
     for _ in range(rounds):
-        runs["end_to_end"].append(_end_to_end(cfg, ranks, steps, warmup))
-        num_classes = runs["end_to_end"][-1].pop("num_classes")  # the same network, on synthetic input
-        runs["model_only"].append(run_variant(project_variant(ranks), ranks, cfg, num_classes, steps, warmup))
-    ours, model_only = median_round(runs["end_to_end"]), median_round(runs["model_only"])
-    ratios = [e["images_per_sec"] / m["images_per_sec"] for e, m in zip(*runs.values())]
+        runs["end_to_end"].append(_trainer_run(cfg, ranks, steps, warmup, in_memory=False))
+        runs["model_only"].append(_trainer_run(cfg, ranks, steps, warmup, in_memory=True))
+        num_classes = runs["model_only"][-1]["num_classes"]
+        runs["plain_loop"].append(run_variant(project_variant(ranks), ranks, cfg, num_classes, steps, warmup))
+    variants = {name: median_round(r) for name, r in runs.items()}
+    ratios = _ratios(runs, "end_to_end", "model_only")  # each ratio within one round
+    input_cpu = [1 - m["cpu_seconds_per_step"] / e["cpu_seconds_per_step"]
+                 for e, m in zip(runs["end_to_end"], runs["model_only"])]
     return dict(
-        what="train", images_per_sec=ours["images_per_sec"], world_size=ranks,
-        exchange_bytes_per_image=ours["exchange_bytes_per_image"],
-        model_only_images_per_sec=model_only["images_per_sec"],
-        end_to_end_vs_model_only=statistics.median(ratios),  # each ratio within one round
+        what="train", images_per_sec=variants["end_to_end"]["images_per_sec"], world_size=ranks,
+        exchange_bytes_per_image=variants["end_to_end"]["exchange_bytes_per_image"],
+        model_only_images_per_sec=variants["model_only"]["images_per_sec"],
+        end_to_end_vs_model_only=statistics.median(ratios),
         ratios_per_round=ratios,
-        variants={"end_to_end": ours, "model_only": model_only},
+        input_cpu_share=statistics.median(input_cpu),
+        model_only_vs_plain_loop=statistics.median(_ratios(runs, "model_only", "plain_loop")),
+        variants=variants,
     )
