@@ -43,6 +43,7 @@ __all__ = ["AlexNet", "CrossTower", "LocalResponseNorm", "Tower", "TowerDropout"
 CONV_WIDTHS = (48, 128, 192, 192, 128)
 FC_WIDTH = 2048
 POOLED = 6  # spatial size before fc6
+JOIN_CHUNKS_AT = "fc6"  # exchange_chunks split the batch up to this exchange (AlexNet's docstring says why)
 
 
 def _lrn(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
@@ -247,9 +248,12 @@ class AlexNet(nn.Module):
     tower t is initialised from (seed, t) alone, so every layout starts from the same
     weights; without it, from the global RNG.
 
-    ``exchange_chunks`` > 1 splits the batch into chunks that flow through the layers
-    one after another, so chunk k's exchange is in flight while chunk k+1 computes.
-    The result is the same network (dropout masks are drawn per chunk).
+    ``exchange_chunks`` > 1 splits the batch into chunks that flow through the
+    convolutional layers one after another, so chunk k's exchange (conv3's input, 71 %
+    of the forward bytes, then fc6's) is in flight while chunk k+1 computes. The chunks
+    join before the classifier: a matrix product reads its whole weight matrix once per
+    chunk (fc6-fc8 hold 96 % of the weights), which costs more than the small fc7 and
+    fc8 exchanges could hide. The result is the same network.
     """
 
     def __init__(
@@ -289,6 +293,9 @@ class AlexNet(nn.Module):
                 # fc6:   towers x (N x C5*36)        -> N x 2*C5*36
                 # fc7, fc8: towers x (N x F)         -> N x 2*F
                 chunks[i] = start_gather_from_towers(hs, self.group, exchange) if exchange else hs
+            if exchange == JOIN_CHUNKS_AT and len(chunks) > 1:
+                # chunks x (n x 2*C5*36) -> N x 2*C5*36, the classifier's input for every tower
+                chunks = [[torch.cat([state.wait() for state in chunks], 0)] * len(towers)]
         # towers x (N x classes_t) -> N x num_classes
         logits = [gather_logits(hs, self.group, class_split(self.num_classes)) for hs in chunks]
         return logits[0] if len(logits) == 1 else torch.cat(logits, 0)
