@@ -49,6 +49,7 @@ class DataConfig:
     prefetch: int = 2  # DALI prefetch queue depth
     scan: bool = True  # check every file decodes before training (cached)
     cache_dir: str = "~/.cache/alexnet-dist"  # demo data set and scan cache
+    synthetic: bool = False  # generated batches, no files and no DALI (smoke tests, throughput); no validation
 
     def validate(self) -> None:
         _positive(self, "image_size", "resize", "num_threads", "prefetch")

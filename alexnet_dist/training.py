@@ -83,7 +83,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         import deepspeed
-        from data_pipeline import TrainFeed, ValFeed, load_eigen
 
         self.cfg, self.device = cfg, device
         self.groups = g = TowerGroups.from_world(cfg.run.collective_timeout_s)
@@ -91,28 +90,13 @@ class Trainer:
         t = cfg.train
         if g.topology.tower_parallel_size > 1 and t.micro_batch_size % 2:
             raise ConfigError(f"train.micro_batch_size must be even with one tower per rank, got {t.micro_batch_size}")
-        train_images, val_images = _shared_from_rank0(lambda: prepare_images(cfg))
-        self.num_classes = cfg.model.num_classes or len(train_images.classes)
         self.dtype = DTYPES[t.precision]
-        common = dict(
-            replica=g.replica, num_replicas=g.topology.data_parallel_size, pair_rank=g.pair_rank,
-            pair_size=g.topology.tower_parallel_size, pair_group=g.pair_group, device=device, dtype=self.dtype,
-            image_size=cfg.data.image_size, resize=cfg.data.resize,
-        )
-        self.feed = TrainFeed(
-            train_images, micro_batch_size=t.micro_batch_size, seed=t.seed, augment=cfg.data.augment,
-            eigen=load_eigen(cfg.data.pca), num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, **common,
-        )
-        self.val_feed = (
-            ValFeed(val_images, batch_size=t.micro_batch_size, views=10 if cfg.data.ten_crop_eval else 1,
-                    num_threads=cfg.data.num_threads, **common)
-            if val_images is not None else None
-        )
+        self.num_classes, self.feed, self.val_feed = self._feeds()
         self.steps_per_epoch = self.feed.steps_per_epoch // t.grad_accum
         if self.steps_per_epoch < 1:
             raise ConfigError(
-                f"{len(train_images.files)} training images are fewer than one global batch "
-                f"({t.micro_batch_size} x {t.grad_accum} x {g.topology.data_parallel_size}); lower train.micro_batch_size"
+                f"train.grad_accum={t.grad_accum} needs {t.grad_accum} micro batches per step, but an epoch holds "
+                f"{self.feed.steps_per_epoch} per replica; lower train.grad_accum or train.micro_batch_size"
             )
         self.total_steps = t.epochs * self.steps_per_epoch
         if t.max_steps is not None:
@@ -136,6 +120,35 @@ class Trainer:
         self.step = 0
         self.best_top1 = -1.0
         self.stop_requested = False
+
+    def _feeds(self):
+        """(number of classes, training feed, validation feed or None) for this rank."""
+        from data_pipeline import SyntheticFeed, TrainFeed, ValFeed, load_eigen
+
+        cfg, g, t = self.cfg, self.groups, self.cfg.train
+        if cfg.data.synthetic:
+            num_classes = cfg.model.num_classes or 1000
+            return num_classes, SyntheticFeed(
+                micro_batch_size=t.micro_batch_size, num_classes=num_classes, seed=t.seed, replica=g.replica,
+                num_replicas=g.topology.data_parallel_size, device=self.device, dtype=self.dtype,
+                image_size=cfg.data.image_size,
+            ), None
+        train_images, val_images = _shared_from_rank0(lambda: prepare_images(cfg))
+        common = dict(
+            replica=g.replica, num_replicas=g.topology.data_parallel_size, pair_rank=g.pair_rank,
+            pair_size=g.topology.tower_parallel_size, pair_group=g.pair_group, device=self.device, dtype=self.dtype,
+            image_size=cfg.data.image_size, resize=cfg.data.resize,
+        )
+        feed = TrainFeed(
+            train_images, micro_batch_size=t.micro_batch_size, seed=t.seed, augment=cfg.data.augment,
+            eigen=load_eigen(cfg.data.pca), num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, **common,
+        )
+        val_feed = (
+            ValFeed(val_images, batch_size=t.micro_batch_size, views=10 if cfg.data.ten_crop_eval else 1,
+                    num_threads=cfg.data.num_threads, **common)
+            if val_images is not None else None
+        )
+        return cfg.model.num_classes or len(train_images.classes), feed, val_feed
 
     # ------------------------------------------------------------------ state
 

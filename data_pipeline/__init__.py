@@ -6,10 +6,10 @@ and raise :class:`DataError` with the fix when it is missing.
 
 from data_pipeline.demo import ensure_demo_dataset
 from data_pipeline.errors import DataError
-from data_pipeline.feeds import TrainFeed, ValFeed
+from data_pipeline.feeds import SyntheticFeed, TrainFeed, ValFeed
 from data_pipeline.folder import ImageList, list_images
 from data_pipeline.eigen import load_eigen
 from data_pipeline.scan import scan_and_filter
 
-__all__ = ["DataError", "ImageList", "TrainFeed", "ValFeed", "ensure_demo_dataset", "list_images", "load_eigen",
+__all__ = ["DataError", "ImageList", "SyntheticFeed", "TrainFeed", "ValFeed", "ensure_demo_dataset", "list_images", "load_eigen",
            "scan_and_filter"]

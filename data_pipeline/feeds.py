@@ -10,6 +10,7 @@ normalisation follow on the device, in float32, cast to ``dtype`` last.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import types
@@ -25,7 +26,7 @@ from data_pipeline.folder import ImageList, name_some
 from data_pipeline.eigen import load_eigen
 from data_pipeline.sampler import Augmentation, draw_augmentation, epoch_permutation, pca_shift, replica_positions
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TrainFeed", "ValFeed", "load_dali"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SyntheticFeed", "TrainFeed", "ValFeed", "load_dali"]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
@@ -232,3 +233,33 @@ class ValFeed(_Feed):
         half = math.ceil(len(chunk) / self.pair_size)
         part = chunk[self.pair_rank * half:(self.pair_rank + 1) * half]
         return np.concatenate([part, np.full(half - len(part), chunk[-1])]).astype(np.int64)
+
+
+class SyntheticFeed:
+    """Generated batches in place of files (``data.synthetic``): no data set, no DALI.
+
+    One batch per replica, standard-normal pixels and uniform labels drawn once from
+    ``(seed, replica)`` -- so both towers of a pair hold it without an exchange -- and
+    yielded every step from the device: the model, the exchanges and DeepSpeed at work
+    without the input, for smoke tests of a cluster and for throughput. An epoch is
+    ImageNet's training set in steps.
+    """
+
+    IMAGES_PER_EPOCH = 1_281_167
+
+    def __init__(self, *, micro_batch_size: int, num_classes: int, seed: int, replica: int, num_replicas: int,
+                 device: torch.device, dtype: torch.dtype, image_size: int = 224) -> None:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + replica)
+        x = torch.randn(micro_batch_size, 3, image_size, image_size, generator=generator)
+        y = torch.randint(num_classes, (micro_batch_size,), generator=generator)
+        self._batch = (x.to(device, dtype), y.to(device))
+        self.steps_per_epoch = self.IMAGES_PER_EPOCH // (micro_batch_size * num_replicas)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batch, once for each of steps ``start_step`` .. ``steps_per_epoch - 1``."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside the epoch's {self.steps_per_epoch} steps")
+        return itertools.repeat(self._batch, self.steps_per_epoch - start_step)
+
+    def close(self) -> None:
+        """Nothing runs between steps: there is nothing to stop."""

@@ -120,6 +120,21 @@ def test_starting_an_epoch_ends_the_previous_one(photos):
     feed.close()
 
 
+def test_synthetic_batches_are_a_replicas_own_and_the_same_every_step():
+    from data_pipeline import SyntheticFeed
+
+    def feed(replica: int) -> SyntheticFeed:
+        return SyntheticFeed(micro_batch_size=4, num_classes=10, seed=0, replica=replica, num_replicas=2,
+                             device=torch.device("cpu"), dtype=torch.float32, image_size=56)
+
+    (x, y), *rest = list(feed(0).epoch(0, start_step=feed(0).steps_per_epoch - 3))
+    assert x.shape == (4, 3, 56, 56) and len(rest) == 2 and feed(0).steps_per_epoch == 1_281_167 // 8
+    assert all(torch.equal(x, x2) and torch.equal(y, y2) for x2, y2 in rest)
+    (x_again, _), = list(feed(0).epoch(5, start_step=feed(0).steps_per_epoch - 1))  # each rank of the pair
+    (x_other, _), = list(feed(1).epoch(0, start_step=feed(1).steps_per_epoch - 1))
+    assert torch.equal(x, x_again) and not torch.equal(x, x_other)
+
+
 def test_feed_errors_are_one_line():
     with pytest.raises(DataError, match="must be even"):
         train_feed(numbered(["x.jpg"] * 8), micro_batch_size=3, pair_size=2)

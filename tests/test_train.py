@@ -54,6 +54,14 @@ def test_a_run_leaves_no_shared_memory_behind(tmp_path, cache):
     assert buffers() - before == set()
 
 
+def test_synthetic_data_trains_without_reading_or_making_a_data_set(tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    check(train("deepspeed", 2, run, "data.synthetic=true", "model.num_classes=10", "train.max_steps=3",
+                cache=cache))
+    assert [r["step"] for r in records(run)] == [1, 2, 3] and all(math.isfinite(x) for x in losses(run))
+    assert records(run, "val") == [] and not cache.exists()  # no demo set made, no scan cache written
+
+
 def test_single_process_equals_two_ranks(two_rank_run, tmp_path, cache):
     """CONTRACT's promise: both towers in one process compute exactly the 2-rank network."""
     check(train("python", 1, tmp_path, *EXACT, "train.max_steps=4", cache=cache))
