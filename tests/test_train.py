@@ -54,12 +54,20 @@ def test_a_run_leaves_no_shared_memory_behind(tmp_path, cache):
     assert buffers() - before == set()
 
 
-def test_synthetic_data_trains_without_reading_or_making_a_data_set(tmp_path):
+def test_synthetic_data_trains_without_dali_or_a_data_set(tmp_path, monkeypatch):
+    """What a GPU machine without DALI's wheel runs: DALI is made unimportable here."""
+    shadow = tmp_path / "no_dali" / "nvidia"  # a regular package first on the path hides the installed one
+    (shadow / "dali").mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    (shadow / "dali" / "__init__.py").write_text("raise ImportError('DALI is hidden by this test')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "no_dali"))
     run, cache = tmp_path / "run", tmp_path / "cache"
+    hidden = train("python", 1, tmp_path / "files", "train.max_steps=1", cache=cache)
+    assert hidden.returncode != 0 and "DALI is hidden by this test" in hidden.stderr
     check(train("deepspeed", 2, run, "data.synthetic=true", "model.num_classes=10", "train.max_steps=3",
                 cache=cache))
     assert [r["step"] for r in records(run)] == [1, 2, 3] and all(math.isfinite(x) for x in losses(run))
-    assert records(run, "val") == [] and not cache.exists()  # no demo set made, no scan cache written
+    assert records(run, "val") == []
 
 
 def test_single_process_equals_two_ranks(two_rank_run, tmp_path, cache):
