@@ -26,7 +26,7 @@ from data_pipeline.folder import ImageList, name_some
 from data_pipeline.eigen import load_eigen
 from data_pipeline.sampler import Augmentation, draw_augmentation, epoch_permutation, pca_shift, replica_positions
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SyntheticFeed", "TrainFeed", "ValFeed", "load_dali"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SyntheticFeed", "TrainFeed", "ValFeed", "dali_missing", "load_dali"]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
@@ -40,6 +40,15 @@ def load_dali() -> types.ModuleType:
     except (ImportError, OSError) as e:  # OSError: a DALI wheel whose shared libraries do not load
         raise DataError(f"NVIDIA DALI is not importable here ({e}): pip install nvidia-dali-cuda130") from None
     return pipelines
+
+
+def dali_missing() -> str | None:
+    """Why DALI cannot run here (the :func:`load_dali` error), or None."""
+    try:
+        load_dali()
+    except DataError as e:
+        return str(e)
+    return None
 
 
 class _Feed:

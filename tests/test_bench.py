@@ -91,3 +91,21 @@ def test_bench_data_without_dali_measures_the_baselines_or_says_why(tmp_path, mo
     assert result["baseline_images_per_sec"] > 0 and "DALI" in result["dali_missing"]
     with pytest.raises(DataError, match="DALI is not importable"):
         bench_data(cfg, baseline=False, steps=1, warmup=0, rounds=1)
+
+
+def test_bench_train_without_dali_times_the_training_step_on_a_generated_batch(tmp_path, monkeypatch):
+    import data_pipeline.feeds
+    from alexnet_dist.bench.__main__ import BENCH_CONFIG
+    from alexnet_dist.bench.train import bench_train
+    from alexnet_dist.config import load_config
+    from data_pipeline import DataError
+
+    def no_dali():
+        raise DataError("NVIDIA DALI is not importable here (test)")
+
+    monkeypatch.setattr(data_pipeline.feeds, "load_dali", no_dali)
+    cfg = load_config(str(BENCH_CONFIG), [*TINY, f"data.cache_dir={tmp_path}"])
+    result = bench_train(cfg, ranks=2, steps=1, warmup=0, rounds=1)
+    assert set(result["variants"]) == {"model_only", "plain_loop"} and result["images_per_sec"] == 0.0
+    assert result["model_only_images_per_sec"] > 0 and result["exchange_bytes_per_image"] > 0
+    assert "DALI" in result["dali_missing"] and not (tmp_path / "demo-v1").exists()  # no data set was needed

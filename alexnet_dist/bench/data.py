@@ -38,22 +38,12 @@ def _photos(cfg: Config) -> str:
     return str(folder)
 
 
-def _dali_missing() -> str | None:
-    """Why DALI cannot run here, or None."""
-    from data_pipeline.feeds import load_dali
-
-    try:
-        load_dali()
-    except DataError as e:
-        return str(e)
-    return None
-
-
 def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int, rounds: int) -> dict[str, Any]:
     from data_pipeline import list_images
+    from data_pipeline.feeds import dali_missing
     from data_pipeline.throughput import measure_pipeline, measure_torchvision_baseline, measure_torchvision_decode_jpeg
 
-    missing = _dali_missing()
+    missing = dali_missing()
     if missing and not baseline:
         raise DataError(missing)
     images = list_images(_photos(cfg))
