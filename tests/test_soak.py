@@ -80,5 +80,8 @@ def test_500_steps_on_two_ranks_keep_memory_and_open_files_flat(tmp_path_factory
         assert peak_rss <= base_rss * (1 + MAX_RSS_GROWTH), (
             f"rank {rank}: VmRSS {base_rss} KiB at step {base_step} grew to {peak_rss} KiB: {rows}")
         assert max(r[2] for r in after) <= base_fds + MAX_EXTRA_FDS, f"rank {rank}: open files grew: {rows}"
-        # A leak stays; a file a rank holds for a moment (a DALI pass starting) may be open at one sample.
-        assert min(r[2] for r in after[-3:]) <= base_fds, f"rank {rank}: open files at the end above the baseline: {rows}"
+        # A leak stays: any steady one (even 1 file per 200 steps) lifts the median of the second
+        # half. Files a rank holds for a while are not one: CI once saw 34, 35, 35 over 33 in
+        # the last three samples of 24 (steps 440-480), with the same code that had passed.
+        late = sorted(r[2] for r in after[len(after) // 2:])
+        assert late[len(late) // 2] <= base_fds, f"rank {rank}: open files stayed above the baseline: {rows}"
