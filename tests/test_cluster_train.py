@@ -198,7 +198,10 @@ def test_a_hostfile_naming_an_unreachable_second_host_stops_without_hanging(clus
     # pdsh names the host by its first label.
     assert re.search(r"nohost(\.invalid)?: ssh: connect to host 127\.0\.0\.1 port 1: Connection refused", out), \
         out[-4000:]
+    # Both of node1's ranks time out at about the same moment; DeepSpeed's node launcher
+    # SIGKILLs the other as soon as one exits, so one line or both (CI has seen each).
     errors = error_lines(out)
-    assert {line.split("]")[0] for line in errors} == {"error [rank 0/4", "error [rank 1/4"}, out[-4000:]
+    ranks = {line.split("]")[0] for line in errors}
+    assert ranks and ranks <= {"error [rank 0/4", "error [rank 1/4"}, out[-4000:]
     assert all("reached the rendezvous at node1:" in line for line in errors), out[-4000:]
-    assert any("only 2 of 4 ranks reached the rendezvous" in line for line in errors), out[-4000:]
+    assert all("only 2 of 4 ranks reached" in line for line in errors if line.startswith("error [rank 0/4")), out[-4000:]
