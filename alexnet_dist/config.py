@@ -90,7 +90,7 @@ class TrainConfig:
     plateau_patience: int = 1  # epochs without val improvement before lr /= 10
     max_lr_drops: int = 3  # the paper divided the lr by 10 three times
     grad_clip: float = 0.0  # 0 = off
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # DeepSpeed fp16 (loss scaling; needs zero_stage 1) or bf16
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16 (loss scaling; needs zero_stage 1) or bf16 (fp32 weights, autocast)
     zero_stage: Literal[0, 1] = 0  # DeepSpeed ZeRO stage (1: optimizer state sharded over replicas)
     exchange_chunks: int = 1  # >1: split the micro batch to overlap exchanges with compute
     eval_every_epochs: int = 1  # validation every this many epochs (and at the end)
@@ -267,7 +267,10 @@ def deepspeed_config(cfg: Config, data_parallel_size: int) -> dict[str, Any]:
     if t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
     elif t.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
+        # fp32 weights and bf16 compute, through DeepSpeed's torch.autocast: its "bf16" mode
+        # (bf16 weights, fp32 master copies) checks each gradient for overflow with a host
+        # sync, which bf16 never needs: 37 syncs per step and 0.64x the rate on an H100.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     monitor_dir = str(Path(cfg.run.dir) / "monitor")
     if cfg.run.tensorboard:
         ds["tensorboard"] = {"enabled": True, "output_path": monitor_dir, "job_name": "alexnet"}

@@ -271,7 +271,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Loss, top-1 and top-5 over the whole validation set, every image once."""
-        model = self.engine.module
+        model = self.engine  # its forward applies the precision (autocast for bf16)
         model.eval()
         views = 10 if self.cfg.data.ten_crop_eval else 1
         k = min(5, self.num_classes)

@@ -87,7 +87,7 @@ def test_four_ranks_equal_two_ranks_at_the_same_global_batch(zero_stage, two_ran
 
 @pytest.mark.slow
 def test_bf16_two_ranks_follow_the_fp32_losses(tmp_path, cache):
-    """DeepSpeed's bf16 path (the one GPUs train in) on two ranks. A large constant lr
+    """The bf16 path (the one GPUs train in: fp32 weights, bf16 compute) on two ranks. A large constant lr
     makes every update move the loss (step 2 jumps), so updates that a precision path
     shrank or dropped would not follow the fp32 run."""
     sets = [*EXACT, "train.max_steps=4", "train.lr=0.05", "train.warmup_steps=0", "train.schedule=constant"]
@@ -96,6 +96,7 @@ def test_bf16_two_ranks_follow_the_fp32_losses(tmp_path, cache):
         check(train("deepspeed", 2, run, *sets, f"train.precision={precision}", cache=cache))
     fp32, bf16 = losses(runs["fp32"]), losses(runs["bf16"])
     assert fp32[1] > 2 * fp32[0], fp32  # the first update moved the loss
+    assert bf16 != fp32  # bf16 compute did happen (autocast rounds every layer's output)
     _close(bf16, fp32, rel=3e-2)
 
 
