@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_pipeline import DataError, list_images
 from data_pipeline.feeds import IMAGENET_MEAN, IMAGENET_STD
 from data_pipeline.eigen import IMAGENET_EIGVAL, IMAGENET_EIGVEC
+from data_pipeline.feeds import load_dali
 from data_pipeline.sampler import PCA_ALPHA_STD, draw_augmentation, pca_shift
 from tests.data_fixtures import make_photo_folder, numbered, run_graph, solid_jpeg, train_feed, val_feed
 
@@ -66,6 +68,38 @@ def test_crops_stay_inside_the_image(tmp_path, roi_decode):
         out = run_graph(files, [cx] * len(files), [cy] * len(files), [0] * len(files), roi_decode=roi_decode)
         assert out.shape == (len(files), 3, 56, 56)
         assert (out.int() - colour).abs().max() <= 6, f"padding or foreign pixels at crop position {(cx, cy)}"
+
+
+def test_files_already_at_the_resize_size_are_cropped_not_resampled(tmp_path):
+    """Data down-sampled the paper's way (shorter side = data.resize): the crop is the
+    file's pixels, copied. Lossless noise, so any resampling would show."""
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in [(64, 64), (80, 64), (64, 72)]]
+    files = []
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / f"{i}.png")
+        files.append(str(tmp_path / f"{i}.png"))
+    cx, cy = [1, 1, 0], [0, 1, 1]  # corners: offsets exactly 0 or (side - 56)
+    for roi_decode in (True, False):
+        out = run_graph(files, cx, cy, [0] * 3, roi_decode=roi_decode)  # image_size 56, resize 64
+        for crop, p, x, y in zip(out, pixels, cx, cy):
+            x0, y0 = x * (p.shape[1] - 56), y * (p.shape[0] - 56)
+            assert np.array_equal(crop.permute(1, 2, 0).numpy(), p[y0:y0 + 56, x0:x0 + 56]), roi_decode
+
+
+def test_nearest_neighbour_only_at_a_scale_of_exactly_one():
+    from nvidia.dali import fn, pipeline_def, types
+
+    pipelines = load_dali()
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None)
+    def interpolation():
+        shorter = fn.external_source(source=lambda: [np.array(v, np.float32) for v in (64, 63.5, 65, 1)], batch=True)
+        return fn.cast(pipelines._linear_unless_same_size(shorter, 64), dtype=types.INT32)
+
+    pipe = interpolation()
+    (out,) = pipe.run()
+    assert np.array(out.as_tensor()).ravel().tolist() == [int(types.INTERP_NN)] + [int(types.INTERP_LINEAR)] * 3
 
 
 def test_pca_shift_has_the_intended_covariance():
