@@ -20,10 +20,10 @@ def locked(path: str) -> Iterator[None]:
         yield
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Replace ``path`` with ``text``: readers see the old file or the new one, never half of one."""
+def write_atomically(path: str, content: str | bytes) -> None:
+    """Replace ``path`` with ``content``: readers see the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    with open(fd, "w") as f:
-        f.write(text)
+    with open(fd, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
     os.replace(tmp, path)

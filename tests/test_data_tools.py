@@ -1,4 +1,4 @@
-"""Demo data set, PCA tool, eigen files, benchmark helpers, and a machine without DALI."""
+"""Demo data set, PCA and down-sampling tools, eigen files, benchmark helpers, and a machine without DALI."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from PIL import Image
 import data_pipeline
 from data_pipeline import DataError, ensure_demo_dataset, list_images, load_eigen
 from data_pipeline.demo import DEMO_CLASSES
+from data_pipeline.downsample import main as downsample_main
 from data_pipeline.eigen import IMAGENET_EIGVAL
 from data_pipeline.pca import main as pca_main
 from data_pipeline.throughput import make_benchmark_photos, measure_pipeline, measure_torchvision_baseline
@@ -60,6 +61,46 @@ def test_pca_tool_and_eigen_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(DataError, match="bad.json"):
         load_eigen(tmp_path / "bad.json")
     assert np.allclose(load_eigen(None)[0], IMAGENET_EIGVAL)
+
+
+def _halves(path, size, left=(255, 0, 0), right=(0, 0, 255)):
+    """An image whose left half is ``left`` and right half ``right``."""
+    w, h = size
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[:, : w // 2], pixels[:, w // 2:] = left, right
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def test_downsample_tool_rescales_and_centre_crops_like_the_paper(tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _halves(src / "a" / "wide.png", (128, 64))  # rescaled to 64x32, then the centre 32x32: half red, half blue
+    _halves(src / "b" / "deep" / "tall.JPEG", (64, 128), left=(0, 255, 0), right=(0, 255, 0))
+    assert downsample_main([str(src), str(dst), "--size", "32", "--workers", "1"]) == 0
+    assert "wrote 2 images of 32x32" in capsys.readouterr().out
+    copy = list_images(dst)
+    assert copy.classes == ["a", "b"]
+    assert [os.path.relpath(f, dst) for f in copy.files] == ["a/wide.jpg", "b/deep/tall.JPEG"]  # JPEG names kept
+    with Image.open(copy.files[0]) as im:
+        assert im.size == (32, 32) and im.format == "JPEG"
+        pixels = np.asarray(im.convert("RGB"), dtype=int)
+    assert np.abs(pixels[:, :12] - [255, 0, 0]).max() < 40 and np.abs(pixels[:, 20:] - [0, 0, 255]).max() < 40
+    stamp = os.stat(copy.files[0]).st_mtime_ns
+    os.remove(copy.files[1])  # as if interrupted: only the missing file is made again
+    assert downsample_main([str(src), str(dst), "--size", "32", "--workers", "1"]) == 0
+    assert "wrote 1 images of 32x32 to" in capsys.readouterr().out and os.stat(copy.files[0]).st_mtime_ns == stamp
+
+
+def test_downsample_tool_names_the_files_it_could_not_read(tmp_path, capsys):
+    src = tmp_path / "src"
+    _halves(src / "a" / "good.jpg", (40, 30))
+    (src / "a" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    assert downsample_main([str(src), str(tmp_path / "dst"), "--size", "16", "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1 files did not decode" in err and "a/truncated.jpg" in err
+    assert list_images(tmp_path / "dst").files == [str(tmp_path / "dst" / "a" / "good.jpg")]
+    assert downsample_main([str(src), str(src / "a" / "copy"), "--size", "16"]) == 1
+    assert "overlap" in capsys.readouterr().err
 
 
 def test_benchmark_helpers_measure_both_loaders(tmp_path):
