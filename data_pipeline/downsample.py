@@ -22,6 +22,7 @@ import argparse
 import io
 import os
 import sys
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image, ImageOps
@@ -66,12 +67,15 @@ def _one(job: tuple[str, str, int, int]) -> tuple[str, str | None]:
 
 def downsample_folder(src: str, dst: str, size: int = 256, quality: int = 90,
                       workers: int | None = None) -> tuple[int, int, list[str]]:
-    """(files written, files already there, ``path: why`` of each file that did not decode)."""
+    """(files written, files already there, ``path (why)`` of each file that did not decode)."""
     images = list_images(src)
     dst = os.path.abspath(os.path.expanduser(dst))
     if os.path.commonpath([images.root, dst]) in (images.root, dst):
         raise DataError(f"{dst} and {images.root} overlap: write the copy outside the source folder")
     jobs = [(f, _target(images.root, dst, f), size, quality) for f in images.files]
+    clash = sorted(t for t, n in Counter(j[1] for j in jobs).items() if n > 1)  # a.png beside a.jpg
+    if clash:
+        raise DataError(f"files under {images.root} would share a name in the copy: {name_some(clash)}")
     todo = [j for j in jobs if not os.path.exists(j[1])]
     failed = []
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:

@@ -101,6 +101,9 @@ def test_downsample_tool_names_the_files_it_could_not_read(tmp_path, capsys):
     assert list_images(tmp_path / "dst").files == [str(tmp_path / "dst" / "a" / "good.jpg")]
     assert downsample_main([str(src), str(src / "a" / "copy"), "--size", "16"]) == 1
     assert "overlap" in capsys.readouterr().err
+    _halves(src / "a" / "good.png", (40, 30))  # would become good.jpg too
+    assert downsample_main([str(src), str(tmp_path / "dst2"), "--size", "16"]) == 1
+    assert "would share a name in the copy" in capsys.readouterr().err and not (tmp_path / "dst2").exists()
 
 
 def test_benchmark_helpers_measure_both_loaders(tmp_path):
