@@ -31,6 +31,7 @@ from tqdm import tqdm
 from data_pipeline.errors import DataError
 from data_pipeline.folder import list_images, name_some
 from data_pipeline.fsutil import write_atomically
+from data_pipeline.scan import check_image
 
 __all__ = ["downsample_folder", "downsample_image"]
 
@@ -43,10 +44,10 @@ def downsample_image(src: str, dst: str, size: int, quality: int) -> str | None:
     try:
         with Image.open(src) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at the smallest DCT scale still >= size
-            im = ImageOps.exif_transpose(im.convert("RGB"))  # upright, as DALI's decoder shows it
-            square = ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)  # centre crop of the aspect, scaled
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
+            upright = ImageOps.exif_transpose(im.convert("RGB"))  # as DALI's decoder shows it
+        square = ImageOps.fit(upright, (size, size), Image.Resampling.BICUBIC)  # centre crop of the aspect, scaled
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # Pillow's broken-stream errors
+        return check_image(src) or f"cannot decode: {e}"  # the scan's words for what is wrong
     out = io.BytesIO()
     square.save(out, "JPEG", quality=quality)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
