@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 
 from data_pipeline import DataError, list_images
-from data_pipeline.feeds import IMAGENET_MEAN, IMAGENET_STD
 from data_pipeline.eigen import IMAGENET_EIGVAL, IMAGENET_EIGVEC
-from data_pipeline.feeds import load_dali
+from data_pipeline.feeds import IMAGENET_MEAN, IMAGENET_STD, load_dali
 from data_pipeline.sampler import PCA_ALPHA_STD, draw_augmentation, pca_shift
 from tests.data_fixtures import make_photo_folder, numbered, run_graph, solid_jpeg, train_feed, val_feed
 
