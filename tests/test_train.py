@@ -4,6 +4,8 @@ promise, resume, export and the user errors."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,35 @@ def test_a_run_leaves_no_shared_memory_behind(tmp_path, cache):
     before = buffers()
     check(train("deepspeed", 2, tmp_path, "train.max_steps=1", cache=cache))
     assert buffers() - before == set()
+
+
+# Where glibc's malloc puts a 30 MiB block and whether it keeps it once freed, in a
+# fresh process that starts torch.distributed on the CPU (argv[1] "init") or not.
+_WHERE_A_FREED_BLOCK_GOES = """
+import ctypes, sys
+from alexnet_dist.distributed import LaunchInfo, init_distributed
+if sys.argv[1] == "init":
+    init_distributed(LaunchInfo(0, 1, 0, "127.0.0.1", 0, "single"))
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype = MallInfo2, ctypes.c_void_p
+size, mapped = 30 << 20, libc.mallinfo2().hblkhd
+block = libc.malloc(size)
+own_mapping = libc.mallinfo2().hblkhd - mapped >= size
+libc.free(ctypes.c_void_p(block))
+print(own_mapping, libc.mallinfo2().keepcost >= size)
+"""
+
+
+def test_a_cpu_rank_keeps_freed_memory_for_the_next_step():
+    def block(mode: str) -> str:
+        return subprocess.run([sys.executable, "-c", _WHERE_A_FREED_BLOCK_GOES, mode],
+                              capture_output=True, text=True, check=True).stdout.split()
+
+    assert block("plain") == ["True", "False"]  # glibc's default: its own mapping, unmapped when freed
+    assert block("init") == ["False", "True"]  # in the heap, and kept there
 
 
 def test_synthetic_data_trains_without_dali_or_a_data_set(tmp_path, monkeypatch):
