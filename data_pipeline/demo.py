@@ -2,12 +2,13 @@
 
 Five classes, each a large translucent shape in its own colour (red circle, green
 cross, blue ring, yellow square, magenta triangle) drawn at a random place and size
-over a random crop of a real photograph, saved as 500x375 JPEGs at quality 90: 60
-training and 20 validation images per class. Shape and colour both define the
-class, so a small CNN separates them within a few epochs, while the photo
-background keeps decoding and augmentation realistic. Built under a lock in a
-temporary folder and renamed into place: concurrent first starts wait for one
-build and never see half a data set.
+over a random crop of a real photograph, saved as 256x256 JPEGs at quality 90 -- the
+paper's preparation of ImageNet (shorter side to 256, the central square kept), which
+``data_pipeline.downsample`` does for a real data set: 60 training and 20 validation
+images per class. Shape and colour both define the class, so a small CNN separates
+them within a few epochs, while the photo background keeps decoding and augmentation
+realistic. Built under a lock in a temporary folder and renamed into place: concurrent
+first starts wait for one build and never see half a data set.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ DEMO_CLASSES = {  # name -> RGB colour of its shape
     "square": (240, 220, 20),
     "triangle": (220, 40, 220),
 }
-_VERSION = "demo-v1"  # bump when the generator changes: old caches are then left alone
-_SIZE = (500, 375)
+_VERSION = "demo-v2"  # bump when the generator changes: old caches are then left alone
+_SIZE = (256, 256)
 _PER_CLASS = {"train": 60, "val": 20}
 
 

@@ -31,12 +31,12 @@ def test_demo_dataset_is_made_once_atomically(tmp_path):
         t.join()
     assert len(results) == 2 and results[0] == results[1]
     train_dir, val_dir = results[0]
-    assert [name for name in os.listdir(cache) if not name.endswith(".lock")] == ["demo-v1"]  # no temporary copy left
+    assert [name for name in os.listdir(cache) if not name.endswith(".lock")] == ["demo-v2"]  # no temporary copy left
     train, val = list_images(train_dir), list_images(val_dir)
     assert train.classes == val.classes == sorted(DEMO_CLASSES)
     assert len(train) == 300 and len(val) == 100
     with Image.open(train.files[0]) as im:
-        assert im.size == (500, 375) and im.format == "JPEG"
+        assert im.size == (256, 256) and im.format == "JPEG"
     stamp = os.stat(train.files[0]).st_mtime_ns
     assert ensure_demo_dataset(cache) == (train_dir, val_dir)
     assert os.stat(train.files[0]).st_mtime_ns == stamp  # not regenerated
