@@ -29,10 +29,14 @@ def _bench(what: str, tmp_path, *extra: str) -> dict:
 
 
 @pytest.mark.slow
-def test_bench_model_with_baselines(tmp_path):
-    result = _bench("model", tmp_path, "--baseline")
+def test_bench_model_with_baselines_and_the_exchanges_overlapped(tmp_path):
+    result = _bench("model", tmp_path, "--baseline", "--set", "train.exchange_chunks=2")
     assert result["baseline_images_per_sec"] > 0
-    assert set(result["variants"]) == {"tower_parallel", "single_process", "ddp_torchvision", "pipeline_deepspeed"}
+    assert set(result["variants"]) == {"tower_parallel", "tower_parallel_no_overlap", "single_process",
+                                       "ddp_torchvision", "pipeline_deepspeed"}
+    overlapped, blocking = (result["variants"][v]["images_per_sec"]
+                            for v in ("tower_parallel", "tower_parallel_no_overlap"))
+    assert result["overlap_ratios_per_round"] == [overlapped / blocking]  # one round: its own median
     # width 1/8, 64 px input (3x3 maps at conv3), 1000 classes: per tower conv3 16x3x3, fc6 16x6x6,
     # fc7 and fc8 256 floats, sent forward and back, plus 500 logits forward
     assert result["exchange_bytes_per_image"] == 2 * 4 * (16 * 3 * 3 + 16 * 36 + 2 * 256) + 4 * 500

@@ -63,6 +63,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         )
     if "baseline_images_per_sec" in result and result["images_per_sec"] > 0:
         lines.append(f"\nratio (project / baseline): {result['images_per_sec'] / result['baseline_images_per_sec']:.2f}x")
+    if "overlap_on_vs_off" in result:
+        lines.append(f"exchanges overlapped / not: {result['overlap_on_vs_off']:.2f}x")
     if "peak_fraction" in result:
         lines.append(f"share of this device's measured {result['matmul_peak_precision']} matrix-product rate "
                      f"({result['matmul_peak_tflops']:.3g} TFLOP/s): {100 * result['peak_fraction']:.1f} %")

@@ -4,7 +4,8 @@ Variants, each on its own freshly spawned ranks, at the same global batch:
 
 * ``tower_parallel``: this project, one tower per rank (the pair exchanges activations),
   with ``train.exchange_chunks`` chunks; ``tower_parallel_no_overlap`` beside it when
-  that is above 1 (every exchange waited for at once);
+  that is above 1 (every exchange waited for at once), and ``overlap_on_vs_off``, the
+  median over rounds of the first's images/s over the second's;
 * ``single_process``: both towers in one process (the reference layout);
 * ``ddp_torchvision`` (``--baseline``): torchvision's single-tower AlexNet under plain DDP,
   the global batch split over the ranks (all-reduces every gradient each step);
@@ -277,6 +278,13 @@ def bench_model(cfg: Config, ranks: int, baseline: bool, steps: int, warmup: int
                   numerics=numerics_check(cfg, num_classes))
     if baseline:
         result["baseline_images_per_sec"] = variants["ddp_torchvision"]["images_per_sec"]
-        result["ratios_per_round"] = [r[project_variant(ranks)]["images_per_sec"] / r["ddp_torchvision"]["images_per_sec"]
-                                      for r in runs]
+        result["ratios_per_round"] = _ratios(runs, project_variant(ranks), "ddp_torchvision")
+    if "tower_parallel_no_overlap" in variants:
+        result["overlap_ratios_per_round"] = _ratios(runs, "tower_parallel", "tower_parallel_no_overlap")
+        result["overlap_on_vs_off"] = statistics.median(result["overlap_ratios_per_round"])
     return result
+
+
+def _ratios(runs: list[dict[str, dict]], top: str, bottom: str) -> list[float]:
+    """``top``'s images/s over ``bottom``'s, round by round."""
+    return [r[top]["images_per_sec"] / r[bottom]["images_per_sec"] for r in runs]
