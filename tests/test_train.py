@@ -126,7 +126,7 @@ def test_bf16_two_ranks_follow_the_fp32_losses(tmp_path, cache):
     for precision, run in runs.items():
         check(train("deepspeed", 2, run, *sets, f"train.precision={precision}", cache=cache))
     fp32, bf16 = losses(runs["fp32"]), losses(runs["bf16"])
-    assert fp32[1] > 2 * fp32[0], fp32  # the first update moved the loss
+    assert fp32[1] > 1.5 * fp32[0], fp32  # the first update moved the loss
     assert bf16 != fp32  # bf16 compute did happen (autocast rounds every layer's output)
     _close(bf16, fp32, rel=3e-2)
 
