@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alexnet_dist.bench.timing import bench_device, median_round
+from alexnet_dist.bench.timing import bench_device, median_round, round_ratios
 from alexnet_dist.config import Config
 from alexnet_dist.metrics import say
 from data_pipeline import DataError
@@ -70,6 +70,5 @@ def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int, rounds: int
     if baseline:
         result["baseline_images_per_sec"] = variants["torchvision_dataloader"]["images_per_sec"]
     if baseline and not missing:
-        result["ratios_per_round"] = [d["images_per_sec"] / b["images_per_sec"]
-                                      for d, b in zip(runs["dali"], runs["torchvision_dataloader"])]
+        result["ratios_per_round"] = round_ratios(runs["dali"], runs["torchvision_dataloader"])
     return result

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet_dist.bench.timing import bench_device, median_round, peak_memory_mb, summarise, time_steps
+from alexnet_dist.bench.timing import (bench_device, median_round, peak_memory_mb, round_ratios, summarise,
+                                       time_steps)
 from alexnet_dist.config import Config
 from alexnet_dist.distributed import spawn_ranks
 from alexnet_dist.exchanges import EXCHANGE_COUNTER
@@ -263,7 +264,8 @@ def bench_model(cfg: Config, ranks: int, baseline: bool, steps: int, warmup: int
     (``variants`` holds each one's median round)."""
     num_classes = cfg.model.num_classes or 1000
     runs = [_one_round(cfg, ranks, baseline, steps, warmup, num_classes) for _ in range(rounds)]
-    variants = {name: median_round([r[name] for r in runs]) for name in runs[0]}
+    per_variant = {name: [r[name] for r in runs] for name in runs[0]}
+    variants = {name: median_round(r) for name, r in per_variant.items()}
     flops = _flops(cfg, num_classes)
     for name, v in variants.items():
         v["train_flops_per_image"] = flops["torchvision" if name == "ddp_torchvision" else "paper"]
@@ -278,13 +280,8 @@ def bench_model(cfg: Config, ranks: int, baseline: bool, steps: int, warmup: int
                   numerics=numerics_check(cfg, num_classes))
     if baseline:
         result["baseline_images_per_sec"] = variants["ddp_torchvision"]["images_per_sec"]
-        result["ratios_per_round"] = _ratios(runs, project_variant(ranks), "ddp_torchvision")
+        result["ratios_per_round"] = round_ratios(per_variant[project_variant(ranks)], per_variant["ddp_torchvision"])
     if "tower_parallel_no_overlap" in variants:
-        result["overlap_ratios_per_round"] = _ratios(runs, "tower_parallel", "tower_parallel_no_overlap")
-        result["overlap_on_vs_off"] = statistics.median(result["overlap_ratios_per_round"])
+        overlap = round_ratios(per_variant["tower_parallel"], per_variant["tower_parallel_no_overlap"])
+        result.update(overlap_ratios_per_round=overlap, overlap_on_vs_off=statistics.median(overlap))
     return result
-
-
-def _ratios(runs: list[dict[str, dict]], top: str, bottom: str) -> list[float]:
-    """``top``'s images/s over ``bottom``'s, round by round."""
-    return [r[top]["images_per_sec"] / r[bottom]["images_per_sec"] for r in runs]

@@ -60,6 +60,11 @@ def summarise(times: list[float], images_per_step: int) -> dict[str, float]:
     )
 
 
+def round_ratios(tops: list[dict], bottoms: list[dict]) -> list[float]:
+    """Images/s of one variant over another's, round by round (each ratio within one round)."""
+    return [a["images_per_sec"] / b["images_per_sec"] for a, b in zip(tops, bottoms, strict=True)]
+
+
 def median_round(rounds: list[dict]) -> dict:
     """Of one variant's rounds, the one with the median images/s (its figures stay together)."""
     return sorted(rounds, key=lambda r: r["images_per_sec"])[len(rounds) // 2]

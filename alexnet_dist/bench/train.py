@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from alexnet_dist.bench.model import project_variant, run_variant
-from alexnet_dist.bench.timing import bench_device, median_round, peak_memory_mb, summarise, time_steps
+from alexnet_dist.bench.timing import (bench_device, median_round, peak_memory_mb, round_ratios, summarise,
+                                       time_steps)
 from alexnet_dist.config import Config
 from alexnet_dist.distributed import spawn_ranks
 from alexnet_dist.exchanges import EXCHANGE_COUNTER
@@ -91,11 +92,6 @@ def _trainer_run(cfg: Config, ranks: int, steps: int, warmup: int, in_memory: bo
     return ours
 
 
-def _ratios(runs: dict[str, list[dict]], top: str, bottom: str) -> list[float]:
-    """``top``'s images/s over ``bottom``'s, round by round."""
-    return [a["images_per_sec"] / b["images_per_sec"] for a, b in zip(runs[top], runs[bottom])]
-
-
 def bench_train(cfg: Config, ranks: int, steps: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
     """The variants alternated over ``rounds``; each one's median round is reported."""
     from data_pipeline.feeds import dali_missing
@@ -113,13 +109,14 @@ def bench_train(cfg: Config, ranks: int, steps: int, warmup: int, rounds: int = 
     variants = {name: median_round(r) for name, r in runs.items() if r}
     result: dict[str, Any] = dict(
         what="train", world_size=ranks, model_only_images_per_sec=variants["model_only"]["images_per_sec"],
-        model_only_vs_plain_loop=statistics.median(_ratios(runs, "model_only", "plain_loop")), variants=variants,
+        model_only_vs_plain_loop=statistics.median(round_ratios(runs["model_only"], runs["plain_loop"])),
+        variants=variants,
     )
     if missing:
         say(f"warning: {missing}; measured the training step on a generated batch only")
         return dict(result, images_per_sec=0.0, dali_missing=missing,
                     exchange_bytes_per_image=variants["model_only"]["exchange_bytes_per_image"])
-    ratios = _ratios(runs, "end_to_end", "model_only")  # each ratio within one round
+    ratios = round_ratios(runs["end_to_end"], runs["model_only"])
     input_cpu = [1 - m["cpu_seconds_per_step"] / e["cpu_seconds_per_step"]
                  for e, m in zip(runs["end_to_end"], runs["model_only"])]
     return dict(
