@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime
 
 import torch.distributed as dist
+from torch import Tensor
 
+from alexnet_dist.exchanges import gather_batch
 from alexnet_dist.topology import Topology
 
 __all__ = ["TowerGroups"]
@@ -61,6 +63,11 @@ class TowerGroups:
             if ranks == mine:
                 found = group
         return found
+
+    def gather_batch(self, local: Tensor) -> Tensor:
+        """The replica's input batch from this rank's decoded part: the feeds' ``gather``
+        (N/2 x 3 x S x S uint8 per rank -> N x 3 x S x S on both ranks of the pair)."""
+        return gather_batch(local, self.pair_group)
 
     # ---- DeepSpeed's mpu interface: "model parallel" = the towers of one replica.
 

@@ -136,7 +136,7 @@ class Trainer:
         train_images, val_images = _shared_from_rank0(lambda: prepare_images(cfg))
         common = dict(
             replica=g.replica, num_replicas=g.topology.data_parallel_size, pair_rank=g.pair_rank,
-            pair_size=g.topology.tower_parallel_size, pair_group=g.pair_group, device=self.device, dtype=self.dtype,
+            pair_size=g.topology.tower_parallel_size, gather=g.gather_batch, device=self.device, dtype=self.dtype,
             image_size=cfg.data.image_size, resize=cfg.data.resize,
         )
         feed = TrainFeed(

@@ -2,10 +2,14 @@
 
 A replica's batch is chosen by :mod:`data_pipeline.sampler` from ``(seed, epoch,
 step)`` alone. With one tower per rank (``pair_size`` 2), pair rank ``p`` decodes the
-``p``-th half of that batch and the pair all-gathers the uint8 halves in group-rank
-order, so both towers hold the same bytes, and the batch equals what one process
-holding both towers decodes (``pair_size`` 1). The PCA colour noise and the
-normalisation follow on the device, in float32, cast to ``dtype`` last.
+``p``-th half of that batch and ``gather`` joins the pair's uint8 halves along dim 0 in
+pair-rank order, so both towers hold the same bytes, and the batch equals what one
+process holding both towers decodes (``pair_size`` 1, where ``gather`` is the
+identity). The PCA colour noise and the normalisation follow on the device, in
+float32, cast to ``dtype`` last.
+
+The package knows nothing of process groups: the trainer hands the feeds its pair's
+all-gather (:func:`alexnet_dist.exchanges.gather_batch` bound to the pair's group).
 """
 
 from __future__ import annotations
@@ -14,13 +18,12 @@ import itertools
 import math
 import re
 import types
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from alexnet_dist.exchanges import gather_batch
 from data_pipeline.errors import DataError
 from data_pipeline.folder import ImageList, name_some
 from data_pipeline.eigen import load_eigen
@@ -31,6 +34,12 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SyntheticFeed", "TrainFeed", "ValFe
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
 Eigen = tuple[np.ndarray, np.ndarray]
+Gather = Callable[[Tensor], Tensor]  # this rank's part of a batch -> the pair's, joined along dim 0
+
+
+def _alone(local: Tensor) -> Tensor:
+    """The gather of a rank without a partner: its part is the whole batch."""
+    return local
 
 
 def load_dali() -> types.ModuleType:
@@ -54,13 +63,15 @@ def dali_missing() -> str | None:
 class _Feed:
     """What both feeds share: the pair, the device, the DALI pipeline's life and the normalisation."""
 
-    def __init__(self, images: ImageList, *, pair_rank: int, pair_size: int, pair_group, device: torch.device,
-                 dtype: torch.dtype, image_size: int, resize: int, num_threads: int, prefetch: int) -> None:
+    def __init__(self, images: ImageList, *, pair_rank: int, pair_size: int, gather: Gather | None,
+                 device: torch.device, dtype: torch.dtype, image_size: int, resize: int, num_threads: int,
+                 prefetch: int) -> None:
         if pair_size not in (1, 2) or not 0 <= pair_rank < pair_size:
             raise ValueError(f"pair rank {pair_rank} of {pair_size}: a pair holds 1 or 2 ranks")
-        if pair_size > 1 and pair_group is None:
-            raise ValueError("pair_size 2 needs the pair's process group")
-        self.images, self.pair_rank, self.pair_size, self.pair_group = images, pair_rank, pair_size, pair_group
+        if pair_size > 1 and gather is None:
+            raise ValueError("pair_size 2 needs the pair's gather")
+        self.images, self.pair_rank, self.pair_size = images, pair_rank, pair_size
+        self.gather = gather or _alone
         self.device, self.dtype = torch.device(device), dtype
         self.image_size, self.resize = image_size, resize
         self._pipeline_args = {"num_threads": num_threads, "prefetch_queue_depth": prefetch}
@@ -116,8 +127,8 @@ class _Feed:
         """``(batch + shift - mean) / std`` in float32, then cast; ``shift`` (n or 1, 3) on the 0..255 scale."""
         bias = torch.from_numpy(((shift - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32))
         bias = bias.view(-1, 3, 1, 1).to(self.device)
-        # Convert first, then scale in place: 0.08-0.09 ms per 224x224 image on a CPU core,
-        # against 0.10-0.15 for uint8 * float32 in one mixed-type kernel (same numbers).
+        # Convert first, then scale in place: faster than one mixed-type uint8 * float32
+        # kernel once freed memory is kept (docs/BENCHMARKS.md), and the same numbers.
         return batch.float().mul_(self._scale).add_(bias).to(self.dtype)
 
     def _labels(self, indices: np.ndarray) -> Tensor:
@@ -143,9 +154,9 @@ class TrainFeed(_Feed):
     """
 
     def __init__(self, images: ImageList, *, micro_batch_size: int, seed: int, augment: bool, replica: int,
-                 num_replicas: int, pair_rank: int, pair_size: int, pair_group, device: torch.device,
-                 dtype: torch.dtype, image_size: int = 224, resize: int = 256, eigen: Eigen | None = None,
-                 num_threads: int = 2, prefetch: int = 2, roi_decode: bool = True) -> None:
+                 num_replicas: int, pair_rank: int, pair_size: int, gather: Gather | None = None,
+                 device: torch.device, dtype: torch.dtype, image_size: int = 224, resize: int = 256,
+                 eigen: Eigen | None = None, num_threads: int = 2, prefetch: int = 2, roi_decode: bool = True) -> None:
         if micro_batch_size % pair_size:
             raise DataError(
                 f"train.micro_batch_size ({micro_batch_size}) must be even: each tower of a pair decodes half"
@@ -158,7 +169,7 @@ class TrainFeed(_Feed):
                 f"{len(images)} training images under {images.root or 'the list'} are fewer than one global "
                 f"batch ({micro_batch_size} per replica x {num_replicas} replicas)"
             )
-        super().__init__(images, pair_rank=pair_rank, pair_size=pair_size, pair_group=pair_group, device=device,
+        super().__init__(images, pair_rank=pair_rank, pair_size=pair_size, gather=gather, device=device,
                          dtype=dtype, image_size=image_size, resize=resize, num_threads=num_threads, prefetch=prefetch)
         self.micro_batch_size, self.seed, self.augment = micro_batch_size, seed, augment
         self.replica, self.num_replicas, self.roi_decode = replica, num_replicas, roi_decode
@@ -183,7 +194,7 @@ class TrainFeed(_Feed):
         for step in steps:
             positions = self._positions(step)
             local = self._decode(pipe, [self.images.files[i] for i in order[self._mine(positions)]])
-            batch = gather_batch(local, self.pair_group)
+            batch = self.gather(local)
             shift = 255 * pca_shift(aug.alpha[positions], self.eigval, self.eigvec)
             yield self._normalise(batch, shift), self._labels(order[positions])
 
@@ -211,11 +222,12 @@ class ValFeed(_Feed):
     """
 
     def __init__(self, images: ImageList, *, batch_size: int, replica: int, num_replicas: int, pair_rank: int,
-                 pair_size: int, pair_group, device: torch.device, dtype: torch.dtype, image_size: int = 224,
-                 resize: int = 256, views: int = 1, num_threads: int = 2, prefetch: int = 2) -> None:
+                 pair_size: int, gather: Gather | None = None, device: torch.device, dtype: torch.dtype,
+                 image_size: int = 224, resize: int = 256, views: int = 1, num_threads: int = 2,
+                 prefetch: int = 2) -> None:
         if views not in (1, 10):
             raise ValueError(f"views must be 1 (centre crop) or 10 (corners, centre and their mirrors), got {views}")
-        super().__init__(images, pair_rank=pair_rank, pair_size=pair_size, pair_group=pair_group, device=device,
+        super().__init__(images, pair_rank=pair_rank, pair_size=pair_size, gather=gather, device=device,
                          dtype=dtype, image_size=image_size, resize=resize, num_threads=num_threads, prefetch=prefetch)
         self.batch_size, self.views = batch_size, views
         self._indices = np.arange(len(images))[replica::num_replicas]
@@ -235,7 +247,7 @@ class ValFeed(_Feed):
             local = self._decode(pipe, [self.images.files[i] for i in self._mine(chunk)])
             local = local.view(-1, 3, self.image_size, self.image_size)
             # Full halves come first, so the real images are the first n (times views) rows.
-            batch = gather_batch(local, self.pair_group)[: len(chunk) * self.views]
+            batch = self.gather(local)[: len(chunk) * self.views]
             yield self._normalise(batch, no_shift), self._labels(chunk)
 
     def _mine(self, chunk: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import os
 import numpy as np
 from PIL import Image
 
-__all__ = ["photo_crop", "sample_photos"]
+__all__ = ["make_benchmark_photos", "photo_crop", "sample_photos"]
 
 
 @functools.cache
@@ -43,3 +43,14 @@ def photo_crop(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     x, y = rng.integers(0, photo.width - w + 1), rng.integers(0, photo.height - h + 1)
     crop = photo.resize(size, Image.BILINEAR, box=(x, y, x + w, y + h))
     return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
+
+
+def make_benchmark_photos(dir: str, n: int, size: tuple[int, int] = (500, 375), quality: int = 90,
+                          classes: int = 4, seed: int = 0) -> str:
+    """Write ``n`` JPEGs cut from real photographs into ``dir/<class>/`` (ImageFolder layout); returns ``dir``."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        os.makedirs(os.path.join(dir, f"class{c}"), exist_ok=True)
+    for i in range(n):
+        photo_crop(rng, size).save(os.path.join(dir, f"class{i % classes}", f"photo{i:06d}.jpg"), quality=quality)
+    return dir

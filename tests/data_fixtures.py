@@ -79,13 +79,13 @@ def numbered(files: list[str]) -> ImageList:
 def train_feed(images: ImageList, **overrides) -> TrainFeed:
     """A one-process feed (both towers local) with small test sizes."""
     args = dict(micro_batch_size=8, seed=0, augment=True, replica=0, num_replicas=1, pair_rank=0, pair_size=1,
-                pair_group=None, device=torch.device("cpu"), dtype=torch.float32, **SMALL)
+                device=torch.device("cpu"), dtype=torch.float32, **SMALL)
     return TrainFeed(images, **{**args, **overrides})
 
 
 def val_feed(images: ImageList, **overrides) -> ValFeed:
-    args = dict(batch_size=8, replica=0, num_replicas=1, pair_rank=0, pair_size=1, pair_group=None,
-                device=torch.device("cpu"), dtype=torch.float32, **SMALL)
+    args = dict(batch_size=8, replica=0, num_replicas=1, pair_rank=0, pair_size=1, device=torch.device("cpu"),
+                dtype=torch.float32, **SMALL)
     return ValFeed(images, **{**args, **overrides})
 
 

@@ -18,7 +18,7 @@ def _feeds(root: str, micro: int, val_batch: int, views: int):
     groups = TowerGroups.from_world()
     layout = dict(replica=groups.replica, num_replicas=groups.topology.data_parallel_size,
                   pair_rank=groups.pair_rank, pair_size=groups.topology.tower_parallel_size,
-                  pair_group=groups.pair_group)
+                  gather=groups.gather_batch)
     ids = numbered(list_images(root).files)
     return train_feed(ids, micro_batch_size=micro, **layout), val_feed(ids, batch_size=val_batch, views=views, **layout)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 
@@ -12,12 +13,13 @@ import pytest
 from PIL import Image
 
 import data_pipeline
+from alexnet_dist.bench.data import measure_pipeline, measure_torchvision_baseline
 from data_pipeline import DataError, ensure_demo_dataset, list_images, load_eigen
 from data_pipeline.demo import DEMO_CLASSES
 from data_pipeline.downsample import main as downsample_main
 from data_pipeline.eigen import IMAGENET_EIGVAL
 from data_pipeline.pca import main as pca_main
-from data_pipeline.throughput import make_benchmark_photos, measure_pipeline, measure_torchvision_baseline
+from data_pipeline.photos import make_benchmark_photos
 from tests.data_fixtures import make_photo_folder, numbered, train_feed
 
 
@@ -115,7 +117,7 @@ def test_benchmark_helpers_measure_both_loaders(tmp_path):
     dali = measure_pipeline(images, num_threads=1, **common)
     base = measure_torchvision_baseline(images, workers=0, **common)
     for result in (dali, base):
-        assert result["images_per_sec"] > 0 and result["p95_batch_s"] >= result["median_batch_s"] > 0
+        assert result["images_per_sec"] > 0 and result["p95_step_s"] >= result["median_step_s"] > 0
         assert 0 <= result["cpu_time_share"]
 
 
@@ -126,3 +128,14 @@ def test_missing_dali_is_a_one_line_error_with_the_fix(monkeypatch):
     fix = r"^NVIDIA DALI is not importable here \(.*\): pip install nvidia-dali-cuda130$"
     with pytest.raises(DataError, match=fix):
         train_feed(numbered(["x.jpg"] * 8))
+
+
+def test_the_input_package_imports_nothing_of_the_trainer():
+    """data_pipeline stands alone: every module of it imports without alexnet_dist."""
+    code = ("import pkgutil, importlib, sys, data_pipeline\n"
+            "for m in pkgutil.iter_modules(data_pipeline.__path__):\n"
+            "    importlib.import_module('data_pipeline.' + m.name)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alexnet_dist', 'tests')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

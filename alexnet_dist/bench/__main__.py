@@ -53,8 +53,7 @@ def markdown_table(result: dict[str, Any]) -> str:
              "| TFLOP/s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         mem = r.get("peak_memory_mb_per_rank", [])
-        median = r.get("median_step_s", r.get("median_batch_s", float("nan")))  # data mode: a step is a batch
-        p95 = r.get("p95_step_s", r.get("p95_batch_s", float("nan")))
+        median, p95 = r.get("median_step_s", float("nan")), r.get("p95_step_s", float("nan"))
         tflops = f"{r['tflops']:.3g}" if "tflops" in r else ""
         blocked = f"{100 * r['exchange_wait_share']:.1f} %" if "exchange_wait_share" in r else ""
         lines.append(

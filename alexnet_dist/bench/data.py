@@ -1,33 +1,50 @@
 """``bench data``: the DALI feed alone (decode, crop, flip, colour noise, normalise), and
-with ``--baseline`` torchvision's ImageFolder + DataLoader (one worker per core) doing
-the same augmentations on the same photographs, and torchvision's batched
-``decode_jpeg`` on the bench device (nvJPEG on a GPU), alternated over rounds so that
-other load on the machine hits all alike.
+with ``--baseline`` what a user would write without it, on the same photographs:
 
-Where DALI does not import (a GPU machine without its wheel), ``--baseline`` still
-measures the other two and says so (``images_per_sec`` 0, ``dali_missing`` the reason);
-without ``--baseline`` that is an error."""
+* ``dali``: :class:`data_pipeline.TrainFeed` in one process (both towers' batch);
+* ``torchvision_dataloader``: torchvision's ImageFolder recipe -- Pillow, ``Resize``,
+  ``RandomCrop``, ``RandomHorizontalFlip``, ``ToTensor``, the PCA noise as a ``Lambda``,
+  ``Normalize`` -- behind a DataLoader with one worker per core (the contract's baseline);
+* ``torchvision_decode_jpeg``: torchvision's batched ``decode_jpeg`` on the bench device
+  (nvJPEG on a GPU, libjpeg on a CPU) and the same augmentations on its tensors.
+
+All three yield normalised float32 NCHW batches and are alternated over rounds, so other
+load on the machine hits all alike. Where DALI does not import (a GPU machine without
+its wheel), ``--baseline`` still measures the other two and says so (``images_per_sec``
+0, ``dali_missing`` the reason); without ``--baseline`` that is an error.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from alexnet_dist.bench.timing import bench_device, median_round, round_ratios
+import psutil
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.io import ImageReadMode
+
+from alexnet_dist.bench.timing import bench_device, median_round, round_ratios, summarise, time_steps
 from alexnet_dist.config import Config
 from alexnet_dist.metrics import say
-from data_pipeline import DataError
+from data_pipeline import DataError, ImageList, TrainFeed, list_images
+from data_pipeline.eigen import IMAGENET_EIGVAL, IMAGENET_EIGVEC
+from data_pipeline.feeds import IMAGENET_MEAN, IMAGENET_STD, dali_missing
+from data_pipeline.photos import make_benchmark_photos
+from data_pipeline.sampler import PCA_ALPHA_STD
 
-__all__ = ["bench_data"]
+__all__ = ["bench_data", "measure_pipeline", "measure_torchvision_baseline", "measure_torchvision_decode_jpeg"]
 
 PHOTOS = 512
 
 
 def _photos(cfg: Config) -> str:
     """``data.train_dir``, or real-photograph JPEGs at ImageNet size made once in the cache."""
-    from data_pipeline.throughput import make_benchmark_photos
-
     if cfg.data.train_dir:
         return cfg.data.train_dir
     folder = Path(cfg.data.cache_dir).expanduser() / "bench-photos"
@@ -39,10 +56,6 @@ def _photos(cfg: Config) -> str:
 
 
 def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int, rounds: int) -> dict[str, Any]:
-    from data_pipeline import list_images
-    from data_pipeline.feeds import dali_missing
-    from data_pipeline.throughput import measure_pipeline, measure_torchvision_baseline, measure_torchvision_decode_jpeg
-
     missing = dali_missing()
     if missing and not baseline:
         raise DataError(missing)
@@ -72,3 +85,128 @@ def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int, rounds: int
     if baseline and not missing:
         result["ratios_per_round"] = round_ratios(runs["dali"], runs["torchvision_dataloader"])
     return result
+
+
+# ---------------------------------------------------------------- the variants
+
+
+def measure_pipeline(images: ImageList, *, batch_size: int, steps: int, warmup: int, augment: bool = True,
+                     num_threads: int = 2, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     prefetch: int = 2, roi_decode: bool = True, image_size: int = 224, resize: int = 256) -> dict:
+    """Images/s of :class:`TrainFeed` (one process, both towers) over ``images``."""
+    device = torch.device(device)
+    feed = TrainFeed(images, micro_batch_size=batch_size, seed=0, augment=augment, replica=0, num_replicas=1,
+                     pair_rank=0, pair_size=1, device=device, dtype=dtype, image_size=image_size, resize=resize,
+                     num_threads=num_threads, prefetch=prefetch, roi_decode=roi_decode)
+    with feed:
+        batches = (x for epoch in itertools.count() for x, _ in feed.epoch(epoch))
+        result = _time_batches(batches, batch_size, steps, warmup, device, _process_cpu_seconds)
+    return {"what": "dali", "num_threads": num_threads, "prefetch": prefetch, "roi_decode": roi_decode, **result}
+
+
+def measure_torchvision_baseline(images: ImageList, *, batch_size: int, steps: int, warmup: int,
+                                 workers: int | None = None, image_size: int = 224, resize: int = 256) -> dict:
+    """Images/s of torchvision's ImageFolder recipe + DataLoader over the same files."""
+    workers = workers if workers is not None else os.cpu_count()
+    dataset = _FileDataset(images, transforms.Compose([
+        transforms.Resize(resize),
+        transforms.RandomCrop(image_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Lambda(_pca_noise),
+        transforms.Normalize((IMAGENET_MEAN / 255).tolist(), (IMAGENET_STD / 255).tolist()),
+    ]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         drop_last=True, persistent_workers=workers > 0)
+    batches = (x for _ in itertools.count() for x, _ in loader)
+    result = _time_batches(batches, batch_size, steps, warmup, torch.device("cpu"), _tree_cpu_seconds)
+    del batches, loader  # stops the workers
+    return {"what": "torchvision", "workers": workers, **result}
+
+
+def measure_torchvision_decode_jpeg(images: ImageList, *, batch_size: int, steps: int, warmup: int,
+                                    device: str | torch.device = "cpu", image_size: int = 224,
+                                    resize: int = 256) -> dict:
+    """Images/s of ``torchvision.io.decode_jpeg`` on ``device`` (the batched nvJPEG call on
+    a GPU) followed by the same augmentations on the device's tensors."""
+    device = torch.device(device)
+    batches = _decode_jpeg_batches(images, batch_size, device, image_size, resize)
+    result = _time_batches(batches, batch_size, steps, warmup, device, _process_cpu_seconds)
+    return {"what": "torchvision_decode_jpeg", "device": str(device), **result}
+
+
+def _decode_jpeg_batches(images: ImageList, batch_size: int, device: torch.device, image_size: int,
+                         resize: int) -> Iterator[torch.Tensor]:
+    """Endless normalised float32 batches: read the files, decode on ``device``, resize the
+    short side, random crop, flip, PCA noise, normalise; shuffled each pass."""
+    from torchvision.io import decode_jpeg, read_file
+    from torchvision.transforms.v2 import functional as TF
+
+    g = torch.Generator().manual_seed(0)
+    eigval, eigvec = torch.from_numpy(IMAGENET_EIGVAL).float(), torch.from_numpy(IMAGENET_EIGVEC).float()
+    mean = torch.from_numpy(IMAGENET_MEAN).float().view(1, 3, 1, 1).to(device)
+    std = torch.from_numpy(IMAGENET_STD).float().view(1, 3, 1, 1).to(device)
+    while True:
+        order = torch.randperm(len(images.files), generator=g).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            data = [read_file(images.files[i]) for i in order[start:start + batch_size]]
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)  # n x (3 x H x W) uint8
+            crops = []
+            for img in decoded:
+                img = TF.resize(img, [resize], antialias=True)
+                top, left = (int(torch.randint(0, s - image_size + 1, (), generator=g)) for s in img.shape[-2:])
+                img = img[:, top:top + image_size, left:left + image_size]
+                crops.append(img.flip(-1) if torch.rand((), generator=g) < 0.5 else img)
+            alpha = torch.randn(batch_size, 3, generator=g) * PCA_ALPHA_STD
+            shift = 255 * (alpha * eigval) @ eigvec.T  # n x 3, the paper's colour noise on the 0..255 scale
+            yield (torch.stack(crops).float() + shift.view(-1, 3, 1, 1).to(device) - mean) / std
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """ImageFolder's loading over an :class:`ImageList`: Pillow, RGB, then ``transform``."""
+
+    def __init__(self, images: ImageList, transform: Callable) -> None:
+        self.files, self.labels, self.transform = images.files, images.labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.files[i]) as im:
+            return self.transform(im.convert("RGB")), int(self.labels[i])
+
+
+def _pca_noise(x: torch.Tensor) -> torch.Tensor:
+    """The paper's colour noise on a 0..1 CHW tensor, ImageNet eigen."""
+    alpha = torch.randn(3, dtype=torch.float64) * PCA_ALPHA_STD
+    shift = torch.from_numpy(IMAGENET_EIGVEC) @ (alpha * torch.from_numpy(IMAGENET_EIGVAL))
+    return x + shift.to(x.dtype).view(3, 1, 1)
+
+
+def _process_cpu_seconds() -> float:
+    return time.process_time()  # every thread of this process, DALI's included
+
+
+def _tree_cpu_seconds() -> float:
+    """CPU seconds of this process and its live children (the DataLoader workers)."""
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _time_batches(batches: Iterable, batch_size: int, steps: int, warmup: int, device: torch.device,
+                  cpu_seconds: Callable[[], float]) -> dict:
+    """The bench's step timing (:func:`time_steps`) with a step being one batch, plus the
+    CPU it took: cost per image, whatever else loads the machine."""
+    it: Iterator = iter(batches)
+    cpu_start: list[float] = []
+    times = time_steps(lambda: next(it), steps, warmup, device, after_warmup=lambda: cpu_start.append(cpu_seconds()))
+    cpu = cpu_seconds() - cpu_start[0]
+    return dict(summarise(times, batch_size), cpu_time_share=cpu / (sum(times) * os.cpu_count()),
+                cpu_ms_per_image=1e3 * cpu / (steps * batch_size), batch_size=batch_size, steps=steps)
