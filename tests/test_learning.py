@@ -1,7 +1,12 @@
 """The network learns real data: scikit-learn's handwritten digits (1,797 real 8x8 scans,
 10 classes), upscaled to JPEGs in the ImageFolder layout, trained on 2 ranks at reduced
-width with the default recipe's init and schedule. Centre crops only: a mirrored 2 is
-not a 2, so the paper's flips would be the wrong augmentation here."""
+width. Centre crops only: a mirrored 2 is not a 2, so the paper's flips would be the
+wrong augmentation here.
+
+The learning rate sits well inside the stable range: at 0.02 the loss spikes in epoch 2
+and the final top-1 depends on the seed (0.89 with seed 0, 0.97 with seed 1); at 0.01
+seeds 0 to 3 end at 0.967, 0.977, 0.980 and 0.983, so the 0.9 asserted has a margin of
+at least 0.067 (torch 2.14.1, DeepSpeed 0.19.8, DALI 2.4.0, measured 2026-12-02)."""
 
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ def test_reaches_high_validation_accuracy_on_real_digits(tmp_path):
     check(train(
         "deepspeed", 2, run, f"data.train_dir={train_dir}", f"data.val_dir={val_dir}",
         "data.augment=false", "model.width_mult=0.25", "model.init=kaiming", "train.micro_batch_size=32", "train.epochs=5",
-        "train.lr=0.02", "train.schedule=cosine", "train.warmup_steps=20", "run.log_every=20",
+        "train.lr=0.01", "train.schedule=cosine", "train.warmup_steps=20", "run.log_every=20",
         cache=tmp_path / "cache", timeout=900,
     ))
     val = records(run, "val")
