@@ -23,7 +23,7 @@ import yaml
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig",
-    "DEFAULT_CONFIG", "deepspeed_config", "load_config", "parse_overrides", "reference_markdown",
+    "DEFAULT_CONFIG", "deepspeed_config", "load_config", "parse_overrides", "reference_markdown", "torch_dtype",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -95,6 +95,11 @@ class TrainConfig:
     exchange_chunks: int = 1  # >1: split the micro batch to overlap exchanges with compute
     eval_every_epochs: int = 1  # validation every this many epochs (and at the end)
 
+    @property
+    def torch_dtype(self):
+        """The torch dtype of ``precision`` (:func:`torch_dtype`)."""
+        return torch_dtype(self.precision)
+
     def validate(self) -> None:
         _positive(self, "micro_batch_size", "grad_accum", "epochs", "eval_every_epochs", "exchange_chunks")
         if self.max_steps is not None and self.max_steps < 1:
@@ -141,6 +146,13 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def torch_dtype(precision: str):
+    """The torch dtype a precision's batches are fed in (and the bench computes in)."""
+    import torch  # here only: the config itself needs no torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def _positive(section: Any, *names: str) -> None:

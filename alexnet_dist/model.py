@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from alexnet_dist.exchanges import PendingExchange, gather_logits, start_gather_from_towers
 from alexnet_dist.topology import NUM_TOWERS
 
-__all__ = ["AlexNet", "CrossTower", "LocalResponseNorm", "Tower", "TowerDropout", "class_split", "memory_format_for"]
+__all__ = ["AlexNet", "CrossTower", "LocalResponseNorm", "Tower", "TowerDropout", "class_split", "memory_format_for",
+           "tower_widths"]
 
 # Per-tower widths at width_mult=1 (the paper's figure 2).
 CONV_WIDTHS = (48, 128, 192, 192, 128)
@@ -65,9 +66,9 @@ def _lrn(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
 
 @functools.cache
 def _compiled_lrn():
-    # Eagerly the LRN is a dozen passes over conv1's and conv2's outputs each way: on an
-    # H100 it took 64 % of the bf16 step. Compiled, each direction is one fused kernel.
-    # (TORCHDYNAMO_DISABLE=1 runs it eagerly, as on CPUs.)
+    # Eagerly the LRN is a dozen passes over conv1's and conv2's outputs each way, most of
+    # a bf16 step on a GPU (docs/BENCHMARKS.md). Compiled, each direction is one fused
+    # kernel. (TORCHDYNAMO_DISABLE=1 runs it eagerly, as on CPUs.)
     return torch.compile(_lrn, dynamic=False)
 
 
@@ -159,8 +160,18 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-def _scaled(width: int, width_mult: float) -> int:
-    return max(1, round(width * width_mult))
+def tower_widths(width_mult: float = 1.0) -> tuple[tuple[int, ...], int]:
+    """(conv1..conv5 kernels, fc6 and fc7 units) of one tower at ``width_mult``.
+
+    >>> tower_widths()
+    ((48, 128, 192, 192, 128), 2048)
+    >>> tower_widths(0.125)
+    ((6, 16, 24, 24, 16), 256)
+    """
+    def scaled(width: int) -> int:
+        return max(1, round(width * width_mult))
+
+    return tuple(scaled(c) for c in CONV_WIDTHS), scaled(FC_WIDTH)
 
 
 class Tower(nn.Module):
@@ -169,8 +180,7 @@ class Tower(nn.Module):
     def __init__(self, index: int, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.5) -> None:
         super().__init__()
         self.index = index
-        c1, c2, c3, c4, c5 = (_scaled(c, width_mult) for c in CONV_WIDTHS)
-        fc = _scaled(FC_WIDTH, width_mult)
+        (c1, c2, c3, c4, c5), fc = tower_widths(width_mult)
         self.features = nn.Sequential(
             nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2),  # conv1
             nn.ReLU(inplace=True),
@@ -249,7 +259,7 @@ class AlexNet(nn.Module):
     weights; without it, from the global RNG.
 
     ``exchange_chunks`` > 1 splits the batch into chunks that flow through the
-    convolutional layers one after another, so chunk k's exchange (conv3's input, 71 %
+    convolutional layers one after another, so chunk k's exchange (conv3's input, most
     of the forward bytes, then fc6's) is in flight while chunk k+1 computes. The chunks
     join before the classifier: a matrix product reads its whole weight matrix once per
     chunk (fc6-fc8 hold 96 % of the weights), which costs more than the small fc7 and

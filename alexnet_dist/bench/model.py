@@ -23,9 +23,7 @@ in the same run.
 from __future__ import annotations
 
 import copy
-import json
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet_dist.bench.timing import (bench_device, median_round, peak_memory_mb, round_ratios, summarise,
-                                       time_steps)
-from alexnet_dist.config import Config
-from alexnet_dist.distributed import spawn_ranks
+from alexnet_dist.bench.timing import (bench_device, median_round, on_ranks, round_ratios, summarise, time_steps,
+                                       write_rank_result)
+from alexnet_dist.config import Config, torch_dtype
 from alexnet_dist.exchanges import EXCHANGE_COUNTER
 from alexnet_dist.groups import TowerGroups
-from alexnet_dist.model import CONV_WIDTHS, FC_WIDTH, POOLED, AlexNet, LocalResponseNorm, memory_format_for
+from alexnet_dist.model import POOLED, AlexNet, LocalResponseNorm, memory_format_for, tower_widths
 
 __all__ = [
     "bench_model", "grouped_alexnet_layers", "matmul_peak_tflops", "numerics_check", "project_variant", "run_variant",
-    "train_flops_per_image",
+    "torchvision_alexnet", "train_flops_per_image",
 ]
 
 PIPELINE_MICRO_BATCHES = 4
@@ -54,8 +51,8 @@ def _batch(cfg: Config, n: int, num_classes: int, seed: int) -> tuple[torch.Tens
     size = cfg.data.image_size
     x = torch.randn(n, 3, size, size, generator=g)
     y = torch.randint(0, num_classes, (n,), generator=g)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-    return x.to(bench_device(), dtype).contiguous(memory_format=memory_format_for(bench_device())), y.to(bench_device())
+    x = x.to(bench_device(), cfg.train.torch_dtype).contiguous(memory_format=memory_format_for(bench_device()))
+    return x, y.to(bench_device())
 
 
 def _sgd(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -64,8 +61,7 @@ def _sgd(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def _prepare(model: nn.Module, cfg: Config) -> nn.Module:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-    return model.to(bench_device(), dtype)  # contiguous parameters, as training has them (memory_format_for)
+    return model.to(bench_device(), cfg.train.torch_dtype)  # contiguous parameters, as training has them
 
 
 def _sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
@@ -80,8 +76,7 @@ def _sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
 
 def _finish(rank: int, times: list[float], images_per_step: int, out: Path, extra: dict[str, Any]) -> None:
     """Each rank writes its figures; the parent merges them."""
-    result = dict(summarise(times, images_per_step), peak_memory_mb=peak_memory_mb(bench_device()), **extra)
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    write_rank_result(rank, out, dict(summarise(times, images_per_step), **extra))
 
 
 def _tower_parallel(rank: int, world: int, cfg: Config, num_classes: int, steps: int, warmup: int, out: Path) -> None:
@@ -104,10 +99,9 @@ def _tower_parallel(rank: int, world: int, cfg: Config, num_classes: int, steps:
 
 
 def _ddp_torchvision(rank: int, world: int, cfg: Config, num_classes: int, steps: int, warmup: int, out: Path) -> None:
-    import torchvision
     from torch.nn.parallel import DistributedDataParallel
 
-    model = _prepare(torchvision.models.alexnet(num_classes=num_classes, dropout=cfg.model.dropout), cfg)
+    model = _prepare(torchvision_alexnet(num_classes, cfg.model.width_mult, cfg.model.dropout), cfg)
     ddp = DistributedDataParallel(model, device_ids=[bench_device()] if bench_device().type == "cuda" else None)
     global_batch = cfg.train.micro_batch_size * max(1, world // 2)  # the tower-parallel run's global batch
     x, y = _batch(cfg, global_batch // world, num_classes, seed=rank)
@@ -116,11 +110,39 @@ def _ddp_torchvision(rank: int, world: int, cfg: Config, num_classes: int, steps
     _finish(rank, times, global_batch, out, dict(allreduce_bytes_per_step=grad_bytes))
 
 
+def torchvision_alexnet(num_classes: int, width_mult: float = 1.0, dropout: float = 0.5) -> nn.Module:
+    """torchvision's one-tower AlexNet with every convolution's kernels and every hidden
+    layer's units scaled by ``width_mult`` like ours, so the baseline does comparable
+    work at any width (at 1.0, torchvision's own network)."""
+    import torchvision
+
+    net = torchvision.models.alexnet(num_classes=num_classes, dropout=dropout)
+    if width_mult == 1.0:
+        return net
+
+    def scaled(n: int) -> int:
+        return max(1, round(n * width_mult))
+
+    convs = [i for i, m in enumerate(net.features) if isinstance(m, nn.Conv2d)]
+    for i in convs:
+        m = net.features[i]
+        net.features[i] = nn.Conv2d(m.in_channels if i == convs[0] else scaled(m.in_channels), scaled(m.out_channels),
+                                    m.kernel_size, m.stride, m.padding)
+    last_conv = net.features[convs[-1]].out_channels
+    linears = [i for i, m in enumerate(net.classifier) if isinstance(m, nn.Linear)]
+    for i in linears:
+        m = net.classifier[i]
+        inputs = last_conv * POOLED * POOLED if i == linears[0] else scaled(m.in_features)
+        net.classifier[i] = nn.Linear(inputs, m.out_features if i == linears[-1] else scaled(m.out_features))
+    return net
+
+
 def grouped_alexnet_layers(num_classes: int, width_mult: float, dropout: float) -> list[nn.Module]:
     """The paper's whole network on one device as a flat layer list (conv2, conv4 and
     conv5 with groups=2): the form a user would cut into pipeline stages."""
-    c1, c2, c3, c4, c5 = (2 * max(1, round(c * width_mult)) for c in CONV_WIDTHS)
-    fc = 2 * max(1, round(FC_WIDTH * width_mult))
+    convs, fc = tower_widths(width_mult)
+    c1, c2, c3, c4, c5 = (2 * c for c in convs)
+    fc *= 2
     return [
         nn.Conv2d(3, c1, 11, 4, 2), nn.ReLU(), LocalResponseNorm(), nn.MaxPool2d(3, 2),
         nn.Conv2d(c1, c2, 5, padding=2, groups=2), nn.ReLU(), LocalResponseNorm(), nn.MaxPool2d(3, 2),
@@ -162,13 +184,7 @@ VARIANTS = {
 
 
 def run_variant(name: str, ranks: int, cfg: Config, num_classes: int, steps: int, warmup: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn_ranks(ranks, VARIANTS[name], cfg, num_classes, steps, warmup, Path(tmp))
-        per_rank = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(ranks)]
-    result = dict(per_rank[0], world_size=ranks)
-    result["peak_memory_mb_per_rank"] = [r["peak_memory_mb"] for r in per_rank]
-    del result["peak_memory_mb"]
-    return result
+    return on_ranks(ranks, VARIANTS[name], cfg, num_classes, steps, warmup)[0]
 
 
 def project_variant(ranks: int) -> str:
@@ -201,7 +217,7 @@ def matmul_peak_tflops(precision: str, size: int | None = None, repeats: int = 1
     convolutions may use it (PyTorch's default)."""
     device = bench_device()
     size = size or (8192 if device.type == "cuda" else 1024)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = torch_dtype(precision)
     tf32 = device.type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     before = torch.backends.cuda.matmul.allow_tf32
@@ -214,12 +230,11 @@ def matmul_peak_tflops(precision: str, size: int | None = None, repeats: int = 1
 
 
 def _flops(cfg: Config, num_classes: int) -> dict[str, float]:
-    import torchvision
-
     m = cfg.model
     return {
         "paper": train_flops_per_image(AlexNet(num_classes, m.width_mult, m.dropout, m.init), cfg.data.image_size),
-        "torchvision": train_flops_per_image(torchvision.models.alexnet(num_classes=num_classes), cfg.data.image_size),
+        "torchvision": train_flops_per_image(torchvision_alexnet(num_classes, m.width_mult, m.dropout),
+                                             cfg.data.image_size),
     }
 
 

@@ -1,15 +1,22 @@
-"""Step timing and peak memory, shared by every benchmark mode."""
+"""Step timing, peak memory and the per-rank results, shared by every benchmark mode."""
 
 from __future__ import annotations
 
+import json
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["bench_device", "median_round", "peak_memory_mb", "summarise", "time_steps"]
+from alexnet_dist.distributed import spawn_ranks
+
+__all__ = ["bench_device", "median_round", "on_ranks", "peak_memory_mb", "round_ratios", "summarise", "time_steps",
+           "write_rank_result"]
 
 
 def bench_device() -> torch.device:
@@ -75,3 +82,21 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_rank_result(rank: int, out: Path, result: dict[str, Any]) -> None:
+    """A worker's figures, with its peak memory, for :func:`on_ranks` to merge."""
+    result = dict(result, peak_memory_mb=peak_memory_mb(bench_device()))
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def on_ranks(ranks: int, worker: Callable, *args) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run ``worker(rank, world, *args, out)`` on ``ranks`` fresh processes, each ending
+    with :func:`write_rank_result`; (rank 0's figures with every rank's peak memory as
+    ``peak_memory_mb_per_rank``, every rank's figures)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spawn_ranks(ranks, worker, *args, Path(tmp))
+        per_rank = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(ranks)]
+    merged = dict(per_rank[0], world_size=ranks, peak_memory_mb_per_rank=[r["peak_memory_mb"] for r in per_rank])
+    del merged["peak_memory_mb"]
+    return merged, per_rank
