@@ -19,7 +19,7 @@ same run.dir resumes from the newest complete checkpoint.
 
 import sys
 
-from alexnet_dist.training import main
+from alexnet_dist.job import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from alexnet_dist.exchanges import broadcast_object
+
 __all__ = [
-    "LaunchInfo", "discover", "free_port", "init_distributed", "is_rank0", "keep_freed_memory", "rank0",
-    "spawn_ranks", "unlink_deepspeed_shm",
+    "LaunchInfo", "ReportedOnRank0", "discover", "free_port", "init_distributed", "is_rank0", "keep_freed_memory",
+    "shared_from_rank0", "spawn_ranks", "unlink_deepspeed_shm",
 ]
 
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
@@ -108,7 +110,7 @@ def keep_freed_memory() -> bool:
     By default glibc trims the heap's free top and unmaps large blocks when they are
     freed, so a training step on a CPU, which frees its batch and activations when it
     ends, page-faults them in again, freshly zeroed, on the next one: the feed's
-    normalisation took 13 instead of 5 ms per step of 32 images (docs/BENCHMARKS.md).
+    normalisation took over twice as long (docs/BENCHMARKS.md).
     Blocks of 32 MiB or more still get their own mapping, returned when freed.
     """
     try:
@@ -170,9 +172,26 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def rank0(fn, *args, **kwargs):
-    """Run a side effect (files, printing) on global rank 0 only; other ranks get ``None``."""
-    return fn(*args, **kwargs) if is_rank0() else None
+class ReportedOnRank0(Exception):
+    """A user error that global rank 0 reports; the other ranks exit with it quietly."""
+
+
+def shared_from_rank0(fn, user_errors: tuple[type[Exception], ...]):
+    """Run ``fn`` on global rank 0 and hand its result to every rank. Collective.
+
+    One of ``user_errors`` raised there is raised on rank 0 as it is and as
+    :class:`ReportedOnRank0` on the others, so the user reads the line once.
+    """
+    outcome = None
+    if is_rank0():
+        try:
+            outcome = ("ok", fn())
+        except user_errors as e:
+            outcome = ("error", e)
+    status, value = broadcast_object(outcome)
+    if status == "error":
+        raise value if is_rank0() else ReportedOnRank0(str(value))
+    return value
 
 
 def _spawned(rank: int, world_size: int, port: int, threads: int, fn, args: tuple) -> None:

@@ -51,7 +51,7 @@ def _one_error(result: subprocess.CompletedProcess, *needles: str) -> str:
     (["--config", "/no/such/config.yaml"], "cannot read config file /no/such/config.yaml"),
 ])
 def test_config_mistakes_are_one_line(argv, message, capsys):
-    from alexnet_dist.training import main
+    from alexnet_dist.job import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err.splitlines()
@@ -59,7 +59,7 @@ def test_config_mistakes_are_one_line(argv, message, capsys):
 
 
 def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path, capsys):
-    from alexnet_dist.training import main
+    from alexnet_dist.job import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {max_steps: 3\n")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import statistics
 import tempfile
 import time
@@ -30,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from alexnet_dist.bench.model import project_variant, run_variant
-from alexnet_dist.bench.timing import (bench_device, median_round, peak_memory_mb, round_ratios, summarise,
-                                       time_steps)
+from alexnet_dist.bench.timing import (bench_device, median_round, on_ranks, round_ratios, summarise, time_steps,
+                                       write_rank_result)
 from alexnet_dist.config import Config
-from alexnet_dist.distributed import spawn_ranks
 from alexnet_dist.exchanges import EXCHANGE_COUNTER
 from alexnet_dist.metrics import say
 
@@ -41,21 +39,21 @@ __all__ = ["bench_train"]
 
 
 def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, in_memory: bool, out: Path) -> None:
+    from alexnet_dist.build import build
     from alexnet_dist.training import Trainer
 
     device = bench_device()
-    trainer = Trainer(cfg, device)
-    batches = trainer.micro_batches()
+    trainer = Trainer(build(cfg, device))
+    batches = trainer.batches()
     if in_memory:
         batches = itertools.repeat(next(batches))  # one real batch, again and again
-        trainer.feed.close()  # DALI's threads stop
+        trainer.close()  # DALI's threads stop
     waits: list[float] = []
     cpu_start = 0.0
 
     def step() -> None:
         _, waited = trainer.train_step(batches)
         waits.append(waited)
-        trainer.step += 1
 
     def reset() -> None:
         nonlocal cpu_start
@@ -74,22 +72,17 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, i
         exchange_wait_share=sum(v for k, v in EXCHANGE_COUNTER.seconds_waiting.items() if k != "input") / sum(times),
         exchange_bytes_per_image=model_bytes / images,
         input_gather_bytes_per_image=EXCHANGE_COUNTER.bytes_sent.get("input", 0) / images,
-        peak_memory_mb=peak_memory_mb(device),
         num_classes=trainer.num_classes,
     )
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    write_rank_result(rank, out, result)
 
 
 def _trainer_run(cfg: Config, ranks: int, steps: int, warmup: int, in_memory: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg.run.dir = str(Path(tmp) / "run")
         cfg.train.max_steps = None
-        spawn_ranks(ranks, _train_worker, cfg, steps, warmup, in_memory, Path(tmp))
-        per_rank = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(ranks)]
-    ours = dict(per_rank[0], peak_memory_mb_per_rank=[r["peak_memory_mb"] for r in per_rank],
-                cpu_seconds_per_step=sum(r["cpu_seconds_per_step"] for r in per_rank))  # all ranks
-    del ours["peak_memory_mb"]
-    return ours
+        merged, per_rank = on_ranks(ranks, _train_worker, cfg, steps, warmup, in_memory)
+    return dict(merged, cpu_seconds_per_step=sum(r["cpu_seconds_per_step"] for r in per_rank))  # all ranks
 
 
 def bench_train(cfg: Config, ranks: int, steps: int, warmup: int, rounds: int = 1) -> dict[str, Any]:

@@ -1,0 +1,133 @@
+"""Building one rank's parts of a training run, in one place: its process groups, its
+input feeds, its towers inside a DeepSpeed engine, the schedule, checkpoints and
+metrics. :class:`~alexnet_dist.training.Trainer` runs the loop over them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alexnet_dist.checkpoint import CheckpointError, Checkpoints
+from alexnet_dist.config import Config, ConfigError, deepspeed_config
+from alexnet_dist.distributed import shared_from_rank0, unlink_deepspeed_shm
+from alexnet_dist.groups import TowerGroups
+from alexnet_dist.metrics import MetricsLog, say
+from alexnet_dist.model import AlexNet, memory_format_for
+from alexnet_dist.schedule import LRSchedule
+from data_pipeline import DataError
+
+__all__ = ["Parts", "USER_ERRORS", "build", "prepare_images"]
+
+# What a user can fix: each is reported as one line, without a traceback.
+USER_ERRORS = (ConfigError, CheckpointError, DataError)
+
+
+@dataclass
+class Parts:
+    """What one rank trains with (:func:`build` makes it)."""
+
+    cfg: Config
+    device: torch.device
+    groups: TowerGroups
+    num_classes: int
+    feed: object  # data_pipeline.TrainFeed or SyntheticFeed: ``epoch(e, start_step)``, ``close()``
+    val_feed: object | None  # data_pipeline.ValFeed: ``batches()``, ``close()``
+    engine: object  # deepspeed.DeepSpeedEngine around this rank's towers
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    checkpoints: Checkpoints
+    metrics: MetricsLog
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+    global_batch: int  # images per optimizer step, over every replica
+
+
+def prepare_images(cfg: Config):
+    """List (and scan) the training and validation images; the demo set when none is named."""
+    from data_pipeline import ensure_demo_dataset, list_images, scan_and_filter
+
+    train_dir, val_dir = cfg.data.train_dir, cfg.data.val_dir
+    cache = str(Path(cfg.data.cache_dir).expanduser())
+    if train_dir is None:
+        train_dir, val_dir = ensure_demo_dataset(cache)
+
+    def listed(root):
+        images = list_images(root)
+        if images.ignored:
+            say(images.ignored_summary())
+        if cfg.data.scan:
+            images = scan_and_filter(images, policy=cfg.data.on_bad_file, cache_dir=cache, progress=True)
+        return images
+
+    return listed(train_dir), (listed(val_dir) if val_dir else None)
+
+
+def _feeds(cfg: Config, groups: TowerGroups, device: torch.device):
+    """(number of classes, training feed, validation feed or None) for this rank."""
+    from data_pipeline import SyntheticFeed, TrainFeed, ValFeed, load_eigen
+
+    t, dtype, dp = cfg.train, cfg.train.torch_dtype, groups.topology.data_parallel_size
+    if cfg.data.synthetic:
+        num_classes = cfg.model.num_classes or 1000
+        return num_classes, SyntheticFeed(
+            micro_batch_size=t.micro_batch_size, num_classes=num_classes, seed=t.seed, replica=groups.replica,
+            num_replicas=dp, device=device, dtype=dtype, image_size=cfg.data.image_size,
+        ), None
+    train_images, val_images = shared_from_rank0(lambda: prepare_images(cfg), USER_ERRORS)
+    common = dict(
+        replica=groups.replica, num_replicas=dp, pair_rank=groups.pair_rank,
+        pair_size=groups.topology.tower_parallel_size, gather=groups.gather_batch, device=device, dtype=dtype,
+        image_size=cfg.data.image_size, resize=cfg.data.resize,
+    )
+    feed = TrainFeed(
+        train_images, micro_batch_size=t.micro_batch_size, seed=t.seed, augment=cfg.data.augment,
+        eigen=load_eigen(cfg.data.pca), num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, **common,
+    )
+    val_feed = (
+        ValFeed(val_images, batch_size=t.micro_batch_size, views=10 if cfg.data.ten_crop_eval else 1,
+                num_threads=cfg.data.num_threads, **common)
+        if val_images is not None else None
+    )
+    return cfg.model.num_classes or len(train_images.classes), feed, val_feed
+
+
+def _engine(cfg: Config, groups: TowerGroups, num_classes: int):
+    """This rank's towers, their SGD and the DeepSpeed engine around them."""
+    import deepspeed
+
+    t, m = cfg.train, cfg.model
+    model = AlexNet(num_classes, m.width_mult, m.dropout, m.init, towers=groups.towers, group=groups.pair_group,
+                    seed=t.seed, exchange_chunks=t.exchange_chunks)
+    for p in model.parameters():
+        p.model_parallel = True  # towers hold disjoint weights: clipping sums norms over the pair
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=groups, dist_init_required=False,
+                                      config=deepspeed_config(cfg, groups.topology.data_parallel_size))
+    unlink_deepspeed_shm()
+    return engine, optimizer
+
+
+def build(cfg: Config, device: torch.device) -> Parts:
+    """Every part of this rank's run; collective (every rank calls it)."""
+    groups = TowerGroups.from_world(cfg.run.collective_timeout_s)
+    t = cfg.train
+    num_classes, feed, val_feed = _feeds(cfg, groups, device)
+    steps_per_epoch = feed.steps_per_epoch // t.grad_accum
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"train.grad_accum={t.grad_accum} needs {t.grad_accum} micro batches per step, but an epoch holds "
+            f"{feed.steps_per_epoch} per replica; lower train.grad_accum or train.micro_batch_size"
+        )
+    total_steps = t.epochs * steps_per_epoch if t.max_steps is None else min(t.epochs * steps_per_epoch, t.max_steps)
+    global_batch = t.micro_batch_size * t.grad_accum * groups.topology.data_parallel_size
+    engine, optimizer = _engine(cfg, groups, num_classes)
+    return Parts(
+        cfg=cfg, device=device, groups=groups, num_classes=num_classes, feed=feed, val_feed=val_feed,
+        engine=engine, optimizer=optimizer,
+        schedule=LRSchedule(t, total_steps, global_batch, steps_per_epoch),
+        checkpoints=Checkpoints(cfg.run.dir, cfg.run.keep_last), metrics=MetricsLog(cfg.run.dir),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch,
+    )
