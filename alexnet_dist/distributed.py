@@ -120,8 +120,10 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def init_distributed(info: LaunchInfo, timeout_s: float = 300.0) -> torch.device:
-    """Start the default process group (gloo on CPU, NCCL on GPUs); return this rank's device.
+def init_distributed(info: LaunchInfo, timeout_s: float = 300.0) -> tuple[torch.device, dist.Store]:
+    """Start the default process group (gloo on CPU, NCCL on GPUs); return this rank's
+    device and the job's store (the rendezvous' key-value store, which
+    :mod:`alexnet_dist.faults` also uses when a rank fails).
 
     ``timeout_s`` bounds every collective, so a dead rank makes the others fail
     instead of waiting for ever. On CPUs the step's tensors live in this process's
@@ -140,14 +142,14 @@ def init_distributed(info: LaunchInfo, timeout_s: float = 300.0) -> torch.device
     # NCCL told its GPU up front binds each communicator to it (otherwise it guesses from the rank).
     bound = {"device_id": device} if device.type == "cuda" else {}
     if info.world_size == 1:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **bound)
+        store = dist.HashStore()
     else:
         os.environ.update(MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
-        dist.init_process_group(
-            backend, init_method=f"tcp://{info.master_addr}:{info.master_port}",
-            rank=info.rank, world_size=info.world_size, timeout=timeout, **bound,
-        )
-    return device
+        url = f"tcp://{info.master_addr}:{info.master_port}"
+        store, _, _ = next(dist.rendezvous(url, rank=info.rank, world_size=info.world_size, timeout=timeout))
+    dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size, timeout=timeout,
+                            **bound)
+    return device, store
 
 
 def unlink_deepspeed_shm() -> None:

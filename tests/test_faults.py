@@ -263,9 +263,8 @@ def test_a_hung_rank_makes_the_other_fail_after_the_collective_timeout_naming_it
 
 _CHILD = r"""
 import sys
-from alexnet_dist import faults
-faults._state.run_dir, faults._state.rank = sys.argv[1], 3
-faults._guard_output()
+from alexnet_dist.faults.relay import guard_output
+guard_output(sys.argv[1], rank=3)
 print("before", flush=True)
 sys.stdin.readline()  # the test closes our stdout's reader, then says go
 for i in range(200):
@@ -311,17 +310,17 @@ def test_describe_failure_says_no_space_left_and_names_the_checkpoints(tmp_path,
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         if complete:
             (tmp_path / "checkpoints" / name / "COMPLETE").write_text("")
-    monkeypatch.setattr(faults._state, "run_dir", str(tmp_path))
+    context = faults.FaultContext(run_dir=str(tmp_path))
     full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoints/step00000004/x.pt"))
-    line = faults.describe_failure(full)
+    line = faults.describe_failure(full, context)
     assert line.startswith("no space left on device: could not write checkpoint step00000004")
     assert "the newest complete checkpoint step00000002 is intact" in line and "\n" not in line
     # torch.save's own words for a full disk; a full disk only when the disk is nearly full
     torch_write = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
-    monkeypatch.setattr(faults, "_free_bytes", lambda path: 0)
-    assert faults.describe_failure(torch_write).startswith("no space left on device")
-    monkeypatch.setattr(faults, "_free_bytes", lambda path: 10 << 30)
-    assert faults.describe_failure(torch_write) is None
+    monkeypatch.setattr(faults.disk, "_free_bytes", lambda path: 0)
+    assert faults.describe_failure(torch_write, context).startswith("no space left on device")
+    monkeypatch.setattr(faults.disk, "_free_bytes", lambda path: 10 << 30)
+    assert faults.describe_failure(torch_write, context) is None
 
 
 def test_describe_failure_leaves_other_errors_alone_and_report_failure_reraises_them():
