@@ -8,7 +8,7 @@
    asynchronously, so the model can compute while an exchange is in flight.
 3. Public wrappers that the model, the input pipeline and the evaluation call.
 
-The backward rule (DESIGN.md): when every tower applies its *own* weights to the
+The backward rule (docs/ARCHITECTURE.md): when every tower applies its *own* weights to the
 gathered tensor, each tower's slice of that tensor influences the loss through every
 tower, so its gradient is the *sum* over towers of their gradients for that slice:
 forward all-gather, backward reduce-scatter. A plain split there silently drops
@@ -39,7 +39,6 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "gather_batch",
-    "gather_from_towers",
     "gather_logits",
     "PendingExchange",
     "start_gather_from_towers",
@@ -124,6 +123,8 @@ def _reduce_scatter_blocks(blocks: Tensor, group: dist.ProcessGroup | None, name
     size = _group_size(group)
     if size == 1:
         return blocks
+    if blocks.shape[0] % size:  # each member's block must be whole, or rows would be dropped unseen
+        raise ValueError(f"reduce-scatter of {blocks.shape[0]} rows over {size} members: not a whole block each")
     blocks = blocks.contiguous()
     out = blocks.new_empty((blocks.shape[0] // size, *blocks.shape[1:]))
     with EXCHANGE_COUNTER.waiting(name):
@@ -202,13 +203,6 @@ def start_gather_from_towers(
     pending: list = []
     blocks = _AllGatherForwardReduceScatterBackward.apply(x, group, name, pending)
     return PendingExchange(blocks, pending[0], _group_size(group), dim, name)
-
-
-def gather_from_towers(
-    local: Sequence[Tensor], group: dist.ProcessGroup | None, name: str, dim: int = 1
-) -> Tensor:
-    """:func:`start_gather_from_towers`, waited for."""
-    return start_gather_from_towers(local, group, name, dim).wait()
 
 
 def gather_logits(

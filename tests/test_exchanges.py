@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from alexnet_dist import exchanges
-from alexnet_dist.exchanges import EXCHANGE_COUNTER, all_reduce_sum, gather_from_towers, gather_logits
+from alexnet_dist.exchanges import EXCHANGE_COUNTER, all_reduce_sum, gather_logits, start_gather_from_towers
 from alexnet_dist.groups import TowerGroups
 from alexnet_dist.model import AlexNet
 from tests.multiproc import run_ranks
@@ -110,7 +110,7 @@ def _function_worker(rank: int, world_size: int) -> None:
     EXCHANGE_COUNTER.reset()
     x = torch.full((2, 3), float(rank + 1), requires_grad=True)
     weights = [torch.arange(12.0).view(2, 6), -torch.arange(12.0).view(2, 6) ** 2]
-    gathered = gather_from_towers([x], group, "t")  # 2 x 3 per rank -> 2 x 6
+    gathered = start_gather_from_towers([x], group, "t").wait()  # 2 x 3 per rank -> 2 x 6
     assert torch.equal(gathered, torch.cat([torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)], 1))
     (weights[rank] * gathered).sum().backward()
     # My slice feeds both ranks' own weights: its gradient is the sum of both.
