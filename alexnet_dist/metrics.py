@@ -1,28 +1,61 @@
-"""What a run reports: ``metrics.jsonl`` (CONTRACT.md) and the progress display.
+"""What a run reports: ``metrics.jsonl`` (its format: docs/ARCHITECTURE.md) and the
+progress display.
 
-Both are global rank 0's alone; other ranks get inert objects.
+Writing is global rank 0's alone; other ranks get inert objects. :func:`read_records`
+is the one reader of the file, for the trainer's resume and for the pictures.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
 from alexnet_dist.distributed import is_rank0
+from data_pipeline.fsutil import write_atomically
 
-__all__ = ["MetricsLog", "Progress", "say"]
+__all__ = ["MetricsLog", "Progress", "read_records", "say"]
 
 
-def say(message: str, stream: TextIO = sys.stdout) -> None:
-    """Print one line with a single write (lines of ranks sharing a terminal don't interleave)."""
+def say(message: str, stream: TextIO | None = None) -> None:
+    """Print one line with a single write (lines of ranks sharing a terminal don't interleave);
+    to standard output unless ``stream`` says otherwise."""
+    stream = stream or sys.stdout  # looked up at the call: the stream may have been replaced
     stream.write(message + "\n")
     stream.flush()
+
+
+def _complete_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every non-blank line that ends with its newline: a last line
+    without one is being written by a live run, or was cut off by a full disk."""
+    for number, line in enumerate(path.read_text().split("\n")[:-1], 1):
+        if line.strip():
+            yield number, line
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every complete line of a ``metrics.jsonl``, in order;
+    ValueError naming ``path:line`` for a complete line that is not a JSON object."""
+    records = []
+    for number, line in _complete_lines(path):
+        record = _record(line)
+        if record is None:
+            raise ValueError(f"{path}:{number}: not JSON (one object per line): {line[:80]!r}")
+        records.append((number, record))
+    return records
 
 
 class MetricsLog:
@@ -33,13 +66,24 @@ class MetricsLog:
         self.enabled = is_rank0()
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines past ``step`` (written after the checkpoint a resumed run starts from)."""
+        """Keep the records up to ``step`` (the checkpoint a resumed run starts from) and
+        nothing damaged: a cut-off last line or a line that is not JSON is dropped, and said."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        kept, damaged = [], []
+        for number, line in _complete_lines(self.path):
+            record = _record(line)
+            if record is None or not isinstance(record.get("step"), int):
+                damaged.append(number)
+            elif record["step"] <= step:
+                kept.append(line)
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            damaged.append(text.count("\n") + 1)
+        if damaged:
+            say(f"{self.path}: dropped {len(damaged)} damaged line(s) (line {', '.join(map(str, damaged[:5]))}); "
+                "the records up to the checkpoint are kept")
+        write_atomically(str(self.path), "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:

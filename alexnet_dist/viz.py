@@ -17,7 +17,6 @@ through the object API; pyplot is never imported, so nothing needs a display.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pickle
 import sys
@@ -31,7 +30,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from alexnet_dist.checkpoint import Checkpoints, merged_model_state
+from alexnet_dist.checkpoint import Checkpoints, load_network
+from alexnet_dist.metrics import read_records
 from alexnet_dist.model import AlexNet
 
 __all__ = [
@@ -116,9 +116,7 @@ def _load_run_dir(run_dir: Path) -> Source:
     if newest is None:
         raise VizError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     try:
-        state, meta = merged_model_state(newest)
-        model = AlexNet(meta["num_classes"], meta["width_mult"], meta["dropout"])
-        model.load_state_dict(state)
+        model, meta = load_network(newest)
         step = meta["step"]
     except _READ_ERRORS as e:
         raise VizError(f"cannot read checkpoint {newest}: {_one_line(e)}") from None
@@ -141,20 +139,16 @@ def read_metrics(path: Path) -> tuple[list[Record], list[Record]]:
     if not path.is_file():
         raise VizError(f"{path}: no such file (training writes it from its first logged step)")
     try:
-        lines = path.read_text().split("\n")[:-1]
+        records = read_records(path)
     except OSError as e:
         raise VizError(f"cannot read {path}: {_one_line(e)}") from None
+    except ValueError as e:
+        raise VizError(str(e)) from None
     train: list[Record] = []
     val: list[Record] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, record in records:
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise VizError(f"{where}: not JSON: {_one_line(e)}") from None
-        split = record.get("split") if isinstance(record, dict) else None
+        split = record.get("split")
         if split is None:
             train.append(_checked(record, TRAIN_KEYS, where))
         elif split == "val":
