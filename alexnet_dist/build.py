@@ -33,6 +33,7 @@ class Parts:
     device: torch.device
     groups: TowerGroups
     num_classes: int
+    classes: list[str] | None  # the training set's class names (None for generated batches)
     feed: object  # data_pipeline.TrainFeed or SyntheticFeed: ``epoch(e, start_step)``, ``close()``
     val_feed: object | None  # data_pipeline.ValFeed: ``batches()``, ``close()``
     engine: object  # deepspeed.DeepSpeedEngine around this rank's towers
@@ -66,15 +67,14 @@ def prepare_images(cfg: Config):
 
 
 def _feeds(cfg: Config, groups: TowerGroups, device: torch.device):
-    """(number of classes, training feed, validation feed or None) for this rank."""
+    """(class names or None, training feed, validation feed or None) for this rank."""
     from data_pipeline import SyntheticFeed, TrainFeed, ValFeed, load_eigen
 
     t, dtype, dp = cfg.train, cfg.train.torch_dtype, groups.topology.data_parallel_size
     if cfg.data.synthetic:
-        num_classes = cfg.model.num_classes or 1000
-        return num_classes, SyntheticFeed(
-            micro_batch_size=t.micro_batch_size, num_classes=num_classes, seed=t.seed, replica=groups.replica,
-            num_replicas=dp, device=device, dtype=dtype, image_size=cfg.data.image_size,
+        return None, SyntheticFeed(
+            micro_batch_size=t.micro_batch_size, num_classes=cfg.model.num_classes or 1000, seed=t.seed,
+            replica=groups.replica, num_replicas=dp, device=device, dtype=dtype, image_size=cfg.data.image_size,
         ), None
     train_images, val_images = shared_from_rank0(lambda: prepare_images(cfg), USER_ERRORS)
     common = dict(
@@ -91,7 +91,7 @@ def _feeds(cfg: Config, groups: TowerGroups, device: torch.device):
                 num_threads=cfg.data.num_threads, **common)
         if val_images is not None else None
     )
-    return cfg.model.num_classes or len(train_images.classes), feed, val_feed
+    return train_images.classes, feed, val_feed
 
 
 def _engine(cfg: Config, groups: TowerGroups, num_classes: int):
@@ -114,7 +114,11 @@ def build(cfg: Config, device: torch.device) -> Parts:
     """Every part of this rank's run; collective (every rank calls it)."""
     groups = TowerGroups.from_world(cfg.run.collective_timeout_s)
     t = cfg.train
-    num_classes, feed, val_feed = _feeds(cfg, groups, device)
+    classes, feed, val_feed = _feeds(cfg, groups, device)
+    num_classes = cfg.model.num_classes or (len(classes) if classes else 1000)
+    if classes and num_classes < len(classes):
+        raise ConfigError(f"model.num_classes={num_classes} is fewer than the {len(classes)} class folders of "
+                          "the training set; leave it unset to use the folders' number")
     steps_per_epoch = feed.steps_per_epoch // t.grad_accum
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -125,8 +129,8 @@ def build(cfg: Config, device: torch.device) -> Parts:
     global_batch = t.micro_batch_size * t.grad_accum * groups.topology.data_parallel_size
     engine, optimizer = _engine(cfg, groups, num_classes)
     return Parts(
-        cfg=cfg, device=device, groups=groups, num_classes=num_classes, feed=feed, val_feed=val_feed,
-        engine=engine, optimizer=optimizer,
+        cfg=cfg, device=device, groups=groups, num_classes=num_classes, classes=classes, feed=feed,
+        val_feed=val_feed, engine=engine, optimizer=optimizer,
         schedule=LRSchedule(t, total_steps, global_batch, steps_per_epoch),
         checkpoints=Checkpoints(cfg.run.dir, cfg.run.keep_last), metrics=MetricsLog(cfg.run.dir),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch,

@@ -10,7 +10,6 @@ full disk) leaves the previous checkpoint as the newest complete one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,10 @@ import torch
 
 from alexnet_dist.distributed import is_rank0
 from alexnet_dist.exchanges import barrier
+from alexnet_dist.model import AlexNet
+from data_pipeline.fsutil import write_atomically
 
-__all__ = ["CheckpointError", "Checkpoints", "LAYOUT_KEYS", "merged_model_state"]
+__all__ = ["CheckpointError", "Checkpoints", "LAYOUT_KEYS", "load_network", "merged_model_state", "network_args"]
 
 COMPLETE = "COMPLETE"
 META = "meta.json"
@@ -30,12 +31,6 @@ LAYOUT_KEYS = ("num_classes", "width_mult", "tower_parallel_size", "data_paralle
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is the one line the user sees."""
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Checkpoints:
@@ -59,6 +54,13 @@ class Checkpoints:
         done = self.complete()
         return done[-1] if done else None
 
+    def newest_incomplete(self) -> Path | None:
+        """The newest checkpoint directory a save did not finish (a killed job, a full disk)."""
+        if not self.root.is_dir():
+            return None
+        partial = sorted(p for p in self.root.iterdir() if p.is_dir() and not (p / COMPLETE).is_file())
+        return partial[-1] if partial else None
+
     def save(self, engine, step: int, client_state: dict[str, Any], meta: dict[str, Any], best: bool) -> Path:
         """Save on every rank; mark complete and prune on rank 0 once all ranks wrote."""
         tag = self.tag(step)
@@ -69,8 +71,8 @@ class Checkpoints:
             raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from None
         barrier()  # every tower's files are on disk before the checkpoint counts
         if is_rank0():
-            _atomic_write(path / META, json.dumps({**meta, "step": step, "best": best}, indent=1))
-            _atomic_write(path / COMPLETE, "")
+            write_atomically(str(path / META), json.dumps({**meta, "step": step, "best": best}, indent=1))
+            write_atomically(str(path / COMPLETE), "")
             self._prune(best_tag=tag if best else None)
         barrier()
         return path
@@ -78,7 +80,7 @@ class Checkpoints:
     def _prune(self, best_tag: str | None) -> None:
         best_file = self.root / "best"
         if best_tag:
-            _atomic_write(best_file, best_tag)
+            write_atomically(str(best_file), best_tag)
         keep = {p.name for p in self.complete()[-self.keep_last:]}
         if best_file.is_file():
             keep.add(best_file.read_text().strip())
@@ -125,3 +127,16 @@ def merged_model_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         module = torch.load(f, map_location="cpu", weights_only=False)["module"]
         state.update({k: v.float() for k, v in module.items()})
     return state, read_meta(path)
+
+
+def network_args(meta: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`AlexNet` arguments that rebuild a checkpoint's network."""
+    return dict(num_classes=meta["num_classes"], width_mult=meta["width_mult"], dropout=meta["dropout"])
+
+
+def load_network(path: Path) -> tuple[AlexNet, dict[str, Any]]:
+    """The whole network of one checkpoint directory, in eval mode, and the checkpoint's meta."""
+    state, meta = merged_model_state(path)
+    model = AlexNet(**network_args(meta))
+    model.load_state_dict(state)
+    return model.eval(), meta

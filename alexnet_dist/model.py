@@ -320,8 +320,12 @@ class AlexNet(nn.Module):
 
     @classmethod
     def load(cls, path: str) -> AlexNet:
-        """The whole network from a file written by ``python -m alexnet_dist.export``."""
+        """The whole network from a file written by ``python -m alexnet_dist.export``, in
+        eval mode, with ``classes`` (its class names) and ``preprocess`` (``resize``,
+        ``crop``, ``mean`` and ``std`` on the 0..1 scale) as it was trained."""
         blob = torch.load(path, map_location="cpu", weights_only=True)
         model = cls(**blob["model"])
         model.load_state_dict(blob["state_dict"])
-        return model
+        model.classes = blob.get("classes") or [str(i) for i in range(model.num_classes)]
+        model.preprocess = blob.get("preprocess")  # None in files exported before it was recorded
+        return model.eval()

@@ -42,11 +42,17 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def layout(self) -> dict:
-        """What a checkpoint records about the network and the world (dropout: for export)."""
-        topology = self.groups.topology
+        """What a checkpoint records about the network and the world; dropout, the class
+        names and the preprocessing are for export."""
+        from data_pipeline.feeds import IMAGENET_MEAN, IMAGENET_STD
+
+        topology, data = self.groups.topology, self.cfg.data
         return dict(
             num_classes=self.num_classes, width_mult=self.cfg.model.width_mult, dropout=self.cfg.model.dropout,
             tower_parallel_size=topology.tower_parallel_size, data_parallel_size=topology.data_parallel_size,
+            classes=self.parts.classes,
+            preprocess=dict(resize=data.resize, crop=data.image_size, mean=(IMAGENET_MEAN / 255).tolist(),
+                            std=(IMAGENET_STD / 255).tolist()),
         )
 
     def _client_state(self) -> dict:

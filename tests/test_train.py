@@ -159,12 +159,27 @@ def test_export_loads_into_alexnet_with_the_same_logits(two_rank_run, tmp_path):
     from tests.multiproc import run_ranks
 
     assert export_main([str(two_rank_run), str(tmp_path / "net.pt")]) == 0
-    model = AlexNet.load(str(tmp_path / "net.pt")).eval()
+    model = AlexNet.load(str(tmp_path / "net.pt"))
+    assert not model.training  # ready for inference as loaded
     x = torch.randn(3, 3, 64, 64)
     run_ranks(2, _export_worker, Checkpoints(two_rank_run).newest(), x, tmp_path)
     want = torch.load(tmp_path / "logits0.pt")
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
     assert export_main([str(tmp_path / "nothing"), str(tmp_path / "x.pt")]) == 2
+
+
+def test_an_exported_network_classifies_a_jpeg_with_its_class_names(two_rank_run, tmp_path, cache):
+    from alexnet_dist.export import classify, export
+    from data_pipeline.demo import DEMO_CLASSES
+
+    export(two_rank_run, tmp_path / "net.pt")
+    model = AlexNet.load(str(tmp_path / "net.pt"))
+    assert model.classes == sorted(DEMO_CLASSES)
+    assert model.preprocess == dict(resize=72, crop=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    jpeg = next(Path(cache).glob("demo-*/val/circle/*.jpg"))
+    top = classify(tmp_path / "net.pt", jpeg, top=3)
+    assert len(top) == 3 and {name for name, _ in top} <= set(DEMO_CLASSES)
+    assert all(0 <= p <= 1 for _, p in top) and [p for _, p in top] == sorted((p for _, p in top), reverse=True)
 
 
 @pytest.mark.parametrize("sets, message", [
