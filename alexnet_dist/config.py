@@ -165,6 +165,9 @@ def _section_name(section: Any) -> str:
     return type(section).__name__.removesuffix("Config").lower()
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _check_type(key: str, value: Any, hint: Any) -> Any:
     """Return ``value`` if it fits ``hint`` (ints widen to floats), else raise ConfigError."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -186,6 +189,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
             return None
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as a string
             return float(value)
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -319,11 +324,32 @@ def readme_with_reference(text: str) -> str:
     return f"{head}{start}\n{reference_markdown()}\n{end}{tail}"
 
 
-if __name__ == "__main__":
-    # python -m alexnet_dist.config            : print the reference
-    # python -m alexnet_dist.config README.md  : rewrite it between the markers
-    if len(sys.argv) > 1:
-        readme = Path(sys.argv[1])
-        readme.write_text(readme_with_reference(readme.read_text()))
-    else:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m alexnet_dist.config",
+        description="Print the configuration reference (every key, its default and meaning) as a markdown table.")
+    parser.add_argument("readme", nargs="?", metavar="README.md",
+                        help="rewrite the reference in this file, between its config-reference markers, instead")
+    args = parser.parse_args(argv)
+    if args.readme is None:
         sys.stdout.write(reference_markdown() + "\n")
+        return 0
+    readme = Path(args.readme)
+    try:
+        text = readme.read_text()
+        if README_MARKERS[0] not in text or README_MARKERS[1] not in text:
+            raise ConfigError(f"{readme} has no {README_MARKERS[0]} ... {README_MARKERS[1]} markers")
+        readme.write_text(readme_with_reference(text))
+    except OSError as e:
+        sys.stderr.write(f"error: {readme}: {e.strerror}\n")
+        return 2
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

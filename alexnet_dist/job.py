@@ -25,11 +25,25 @@ from alexnet_dist.training import Trainer
 __all__ = ["main", "parse_args"]
 
 
+_EPILOG = """\
+launch it as:
+  deepspeed --num_gpus 2 train.py          one tower per GPU (or CPU process) on this machine
+  python train.py                          both towers in one process (the reference)
+  deepspeed --hostfile hostfile train.py   a cluster; also torchrun, mpirun -n N, sbatch launch/slurm.sbatch
+
+every config key with its default and meaning: README.md's configuration reference,
+or `python -m alexnet_dist.config`. Outputs go to run.dir (default runs/default);
+starting again with the same run.dir resumes from its newest complete checkpoint.
+"""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train the two-tower AlexNet (see train.py's docstring).")
-    parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    parser = argparse.ArgumentParser(prog="train.py", description="Train the two-tower AlexNet (Krizhevsky et al. 2012).",
+                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
+                        help="override a config key, value parsed as YAML, e.g. --set train.max_steps=20 "
+                             "(repeatable; default: none)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -49,6 +63,18 @@ def _run(cfg: Config, device: torch.device) -> None:
                 f"top5 {result['top5']:.4f}")
         return
     trainer.fit()
+    if is_rank0():
+        say(_outcome(cfg, trainer.step, trainer.total_steps))
+
+
+def _outcome(cfg: Config, step: int, total: int) -> str:
+    """The run's last line: where its outputs are and what to do with them."""
+    run = cfg.run.dir
+    if step < total:
+        return f"stopped at step {step} of {total}; start the job again with run.dir={run} to resume"
+    return (f"done: {total} steps; metrics in {run}/metrics.jsonl, checkpoints in {run}/checkpoints. "
+            f"Draw them: python -m alexnet_dist.viz {run}; export the network: "
+            f"python -m alexnet_dist.export {run} net.pt")
 
 
 def _write_resolved_config(cfg: Config) -> None:
@@ -64,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = discover()
     where = f"[rank {info.rank}/{info.world_size}]"
+    context = None
     try:
         cfg = load_config(args.config, args.set)
         Topology(info.world_size)
-        device = init_distributed(info, cfg.run.collective_timeout_s)
-        faults.register_rank(cfg.run.dir)
+        device, store = init_distributed(info, cfg.run.collective_timeout_s)
+        context = faults.register_rank(cfg.run.dir, store)
         shared_from_rank0(lambda: _write_resolved_config(cfg), USER_ERRORS)
         _run(cfg, device)
     except ReportedOnRank0:
@@ -77,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error {where}: {e}", sys.stderr)
         return 2
     except Exception as e:  # a rank gone, a collective timed out, a full disk: one line; anything else re-raised
-        return faults.report_failure(e, where)
+        return faults.report_failure(e, where, context)
     except KeyboardInterrupt:
         say(f"error {where}: interrupted", sys.stderr)
         return 130

@@ -116,7 +116,8 @@ class _Feed:
             found = re.search(r"sample #(\d+)", str(e))
             culprit = files[int(found[1])] if found and int(found[1]) < len(files) else f"a batch of {name_some(files)}"
             raise DataError(
-                f"DALI could not decode {culprit}; set data.scan=true to find broken files before training"
+                f"DALI could not decode {culprit}: the file is broken, or changed since the scan before training "
+                "(data.scan); fix or remove it, or set data.on_bad_file=skip and start again"
             ) from None
         dense = out.as_tensor()
         local = torch.empty(dense.shape(), dtype=torch.uint8, device=self.device)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster import require_root
 from tests.data_fixtures import make_photo_folder, write_broken_files, write_odd_images
 from tests.launch import BIN, REPO
 from tests.reliability import FAULT_SETS, dataset_cache, error_lines, metric_steps, reference_run, train
@@ -56,6 +57,14 @@ def test_config_mistakes_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error [rank 0/1]: ") and message in err[0], err
+
+
+def test_numbers_are_taken_as_a_user_types_them():
+    """YAML 1.1 reads 1e-3 (no dot) as a string; a float key takes it as the number it is."""
+    from alexnet_dist.config import load_config
+
+    cfg = load_config(None, ["train.lr=1e-3", "train.weight_decay=5E-4", "model.width_mult=.5"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.model.width_mult) == (1e-3, 5e-4, 0.5)
 
 
 def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path, capsys):
@@ -131,6 +140,7 @@ def test_empty_or_missing_folders_are_one_line(case, tmp_path, cache):
 
 @pytest.mark.cluster  # root: mounts a read-only file system
 def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, cache):
+    require_root("mounts a read-only file system")
     mount = tmp_path / "readonly"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], check=True)

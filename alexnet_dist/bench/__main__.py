@@ -1,8 +1,8 @@
-"""``python -m alexnet_dist.bench {data,model,train} [--config F] [--set k=v ...] [--baseline] --json OUT``
+"""``python -m alexnet_dist.bench {data,model,train} [--config F] [--set k=v ...] [--baseline] [--json OUT]``
 
 The benchmark starts its own ranks (``--ranks``, default 2) on this machine; it prints
-a markdown table, writes the JSON object of CONTRACT.md to ``--json`` and, with
-``--plot PNG``, a chart.
+a markdown table, writes the result object (its keys: docs/ARCHITECTURE.md) to
+``--json`` and, with ``--plot PNG``, a chart.
 """
 
 from __future__ import annotations
@@ -21,24 +21,51 @@ from alexnet_dist.config import ConfigError, load_config
 from alexnet_dist.metrics import say
 from data_pipeline import DataError
 
-MODES = ("data", "model", "train")
 BENCH_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench.yaml"
 
 
+_MODES_HELP = {
+    "data": "the DALI feed alone (decode, crop, flip, colour noise, normalise); --baseline: torchvision's "
+            "DataLoader and its decode_jpeg on the same photographs",
+    "model": "forward, backward and SGD step on generated input, tower-parallel and single-process; --baseline: "
+             "torchvision's AlexNet under DDP and DeepSpeed's pipeline engine, same width and global batch",
+    "train": "the trainer's own step end to end (JPEGs through DALI), against the same step fed from memory "
+             "and a plain loop without DeepSpeed",
+}
+
+
+def _add_options(p: argparse.ArgumentParser, mode: str) -> None:
+    p.add_argument("--config", default=str(BENCH_CONFIG), metavar="FILE",
+                   help="YAML config (default: configs/bench.yaml, the paper's full size)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.width_mult=0.25 (repeatable; default: none)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also measure the usual way of doing the same work, in the same run (default: off; "
+                        "train always measures its comparisons)" if mode == "train" else
+                   "also measure the usual way of doing the same work, in the same run (default: off)")
+    p.add_argument("--json", metavar="OUT", help="also write the result as one JSON object to OUT (default: none)")
+    p.add_argument("--plot", metavar="PNG", help="also draw the images/s of every variant into PNG (default: none)")
+    if mode != "data":
+        p.add_argument("--ranks", type=int, default=2,
+                       help="ranks to start on this machine; 1 puts both towers on one device (default: 2)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant (default: 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--rounds", type=int, help="run the variants this many times in turn and report each one's median "
+                   "round, so drift on the machine hits all alike (default: 3 for data --baseline, else 1)")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m alexnet_dist.bench", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=MODES)
-    p.add_argument("--config", default=str(BENCH_CONFIG), help="YAML config (default: configs/bench.yaml, full size)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--baseline", action="store_true", help="also measure the usual way of doing the same work")
-    p.add_argument("--json", required=True, metavar="OUT", help="write the result object here")
-    p.add_argument("--plot", metavar="PNG", help="draw the images/s of every variant")
-    p.add_argument("--ranks", type=int, default=2, help="ranks to start (model, train)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--rounds", type=int, help="run the variants this many times in turn and report each one's "
-                   "median round, so drift on the machine hits all alike (default: 3 for data --baseline, else 1)")
-    return p.parse_args(argv)
+    p = argparse.ArgumentParser(
+        prog="python -m alexnet_dist.bench",
+        description="Throughput of the two-tower AlexNet: prints a markdown table of every variant's images/s, "
+                    "step times, exchange bytes, memory and TFLOP/s. 'python -m alexnet_dist.bench MODE --help' "
+                    "lists a mode's options.")
+    modes = p.add_subparsers(dest="what", required=True, metavar="MODE")
+    for mode, text in _MODES_HELP.items():
+        _add_options(modes.add_parser(mode, help=text, description=text), mode)
+    args = p.parse_args(argv)
+    args.ranks = getattr(args, "ranks", 1)  # data runs in this process
+    return args
 
 
 def device_name() -> str:
@@ -107,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         say(f"error: {e}", sys.stderr)
         return 2
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
     say(markdown_table(result))
     if args.plot:
         from alexnet_dist.viz import plot_bench
