@@ -5,6 +5,7 @@ metrics. :class:`~alexnet_dist.training.Trainer` runs the loop over them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +13,9 @@ import torch
 
 from alexnet_dist.checkpoint import CheckpointError, Checkpoints
 from alexnet_dist.config import Config, ConfigError, deepspeed_config
-from alexnet_dist.distributed import shared_from_rank0, unlink_deepspeed_shm
+from alexnet_dist.distributed import is_rank0, shared_from_rank0, unlink_deepspeed_shm
 from alexnet_dist.groups import TowerGroups
-from alexnet_dist.metrics import MetricsLog, say
+from alexnet_dist.metrics import MetricsLog, quiet_stdout, say
 from alexnet_dist.model import AlexNet, memory_format_for
 from alexnet_dist.schedule import LRSchedule
 from data_pipeline import DataError
@@ -94,9 +95,21 @@ def _feeds(cfg: Config, groups: TowerGroups, device: torch.device):
     return train_images.classes, feed, val_feed
 
 
+def _cpu_op_cached() -> bool:
+    """Whether DeepSpeed's CPU communication op is already compiled in torch's extension cache."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return any(root.glob("**/deepspeed_shm_comm/deepspeed_shm_comm*.so"))
+
+
 def _engine(cfg: Config, groups: TowerGroups, num_classes: int):
     """This rank's towers, their SGD and the DeepSpeed engine around them."""
     import deepspeed
+
+    if groups.topology.world_size > 1 and not torch.cuda.is_available() and not _cpu_op_cached() and is_rank0():
+        say("compiling DeepSpeed's CPU communication op, once (about a minute; cached under "
+            "TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)")
 
     t, m = cfg.train, cfg.model
     model = AlexNet(num_classes, m.width_mult, m.dropout, m.init, towers=groups.towers, group=groups.pair_group,
@@ -104,8 +117,9 @@ def _engine(cfg: Config, groups: TowerGroups, num_classes: int):
     for p in model.parameters():
         p.model_parallel = True  # towers hold disjoint weights: clipping sums norms over the pair
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=groups, dist_init_required=False,
-                                      config=deepspeed_config(cfg, groups.topology.data_parallel_size))
+    with quiet_stdout():  # DeepSpeed prints "... built successfully" on every start
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=groups, dist_init_required=False,
+                                          config=deepspeed_config(cfg, groups.topology.data_parallel_size))
     unlink_deepspeed_shm()
     return engine, optimizer
 

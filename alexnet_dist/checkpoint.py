@@ -10,14 +10,18 @@ full disk) leaves the previous checkpoint as the newest complete one.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alexnet_dist.distributed import is_rank0
-from alexnet_dist.exchanges import barrier
+from alexnet_dist.distributed import ReportedOnRank0, is_rank0
+from alexnet_dist.exchanges import barrier, broadcast_object
+from alexnet_dist.metrics import say
 from alexnet_dist.model import AlexNet
 from data_pipeline.fsutil import write_atomically
 
@@ -54,11 +58,14 @@ class Checkpoints:
         done = self.complete()
         return done[-1] if done else None
 
-    def newest_incomplete(self) -> Path | None:
-        """The newest checkpoint directory a save did not finish (a killed job, a full disk)."""
+    def incomplete(self) -> list[Path]:
+        """Checkpoint directories a save did not finish (a killed job, a full disk), oldest first."""
         if not self.root.is_dir():
-            return None
-        partial = sorted(p for p in self.root.iterdir() if p.is_dir() and not (p / COMPLETE).is_file())
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and not (p / COMPLETE).is_file())
+
+    def newest_incomplete(self) -> Path | None:
+        partial = self.incomplete()
         return partial[-1] if partial else None
 
     def save(self, engine, step: int, client_state: dict[str, Any], meta: dict[str, Any], best: bool) -> Path:
@@ -68,6 +75,7 @@ class Checkpoints:
         try:
             engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         except OSError as e:
+            shutil.rmtree(path, ignore_errors=True)  # a partial save would keep a full disk full
             raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from None
         barrier()  # every tower's files are on disk before the checkpoint counts
         if is_rank0():
@@ -88,16 +96,64 @@ class Checkpoints:
             if p.is_dir() and p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, engine, layout: dict[str, Any]) -> dict[str, Any] | None:
-        """Resume ``engine`` from the newest complete checkpoint; its client state, or None."""
-        path = self.newest()
+    def load(self, engine, layout: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+        """Resume ``engine`` from the newest complete checkpoint whose files are whole;
+        (its directory, its client state), or None when there is none. Collective.
+
+        Global rank 0 checks the candidates (a checkpoint is only complete once every
+        rank's files are on the shared run.dir), falling back to older ones with one
+        line each, and removes what unfinished saves left; every rank loads its choice.
+        """
+        path = broadcast_object(self._choose(layout) if is_rank0() else None)
+        if isinstance(path, CheckpointError):
+            raise path if is_rank0() else ReportedOnRank0(str(path))
         if path is None:
             return None
-        check_layout(path, layout)
-        _, client_state = engine.load_checkpoint(str(self.root), tag=path.name)
+        try:
+            _, client_state = engine.load_checkpoint(str(self.root), tag=path.name)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path} does not load on this rank: {' '.join(str(e).split())[:200]}")
         if client_state is None:
             raise CheckpointError(f"checkpoint {path} has no files for this rank's tower")
-        return client_state
+        return path, client_state
+
+    def _choose(self, layout: dict[str, Any]) -> Path | CheckpointError | None:
+        """Rank 0's pick: the newest complete checkpoint that passes :func:`damage`."""
+        for partial in self.incomplete():
+            shutil.rmtree(partial, ignore_errors=True)
+        done = self.complete()
+        for path in reversed(done):
+            try:
+                check_layout(path, layout)  # another network or layout: the user's to fix, not to skip
+            except CheckpointError as e:
+                return e
+            problem = damage(path)
+            if problem is None:
+                return path
+            say(f"checkpoint {path.name} is damaged ({problem}): "
+                + ("trying the one before it" if path != done[0] else "no older one is left"))
+        if done:
+            return CheckpointError(f"no checkpoint under {self.root} is whole: start with another run.dir, "
+                                   "or remove the damaged ones to start from scratch")
+        return None
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (a few words), or None when each
+    one reads back whole: torch's files are zip archives, so a truncated one has no
+    central directory and a corrupted one fails its CRC."""
+    files = sorted(path.glob("*.pt"))
+    if not files:
+        return "no model files"
+    for f in files:
+        try:
+            with zipfile.ZipFile(f) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"{f.name}: {' '.join(str(e).split()) or 'unreadable'}"
+        if bad is not None:
+            return f"{f.name}: {bad} fails its checksum"
+    return None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -118,13 +174,24 @@ def check_layout(path: Path, layout: dict[str, Any]) -> None:
 
 
 def merged_model_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The whole network's state dict from one checkpoint directory (every tower's file)."""
+    """The whole network's state dict from one checkpoint directory (every tower's file).
+
+    Read with ``weights_only=True``: a run directory written by someone else (shared
+    storage, a download) cannot run code here. A file that needs more than tensors and
+    plain values is refused in one line.
+    """
     files = sorted(path.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"no model states in {path}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        module = torch.load(f, map_location="cpu", weights_only=False)["module"]
+        try:
+            module = torch.load(f, map_location="cpu", weights_only=True)["module"]
+        except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            raise CheckpointError(f"{f} holds more than tensors and plain values "
+                                  f"({found[1] if found else 'objects'}): not loaded, since loading it could run "
+                                  "code; a checkpoint of this version of alexnet-dist needs nothing more") from None
         state.update({k: v.float() for k, v in module.items()})
     return state, read_meta(path)
 

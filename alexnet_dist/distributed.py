@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import logging
 import os
 import socket
 import subprocess
@@ -25,11 +26,13 @@ import torch.distributed as dist
 from alexnet_dist.exchanges import broadcast_object
 
 __all__ = [
-    "LaunchInfo", "ReportedOnRank0", "discover", "free_port", "init_distributed", "is_rank0", "keep_freed_memory",
-    "shared_from_rank0", "spawn_ranks", "unlink_deepspeed_shm",
+    "LaunchInfo", "ReportedOnRank0", "VERBOSE", "discover", "free_port", "init_distributed", "is_rank0",
+    "keep_freed_memory", "quiet_libraries", "shared_from_rank0", "spawn_ranks", "unlink_deepspeed_shm",
 ]
 
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
+# Set (to anything) to see the libraries' own start-up lines, which are kept out by default.
+VERBOSE = "ALEXNET_DIST_VERBOSE"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
@@ -120,6 +123,18 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def quiet_libraries() -> None:
+    """Keep the lines DeepSpeed and torch print on every start of a rank out of the user's
+    view (unless :data:`VERBOSE` is set): DeepSpeed's "Setting accelerator to CPU" (its
+    accelerator named up front instead of guessed) and torch's "No CUDA runtime is found"
+    when it compiles or loads a CPU extension. Call before DeepSpeed is imported."""
+    if os.environ.get(VERBOSE):
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def init_distributed(info: LaunchInfo, timeout_s: float = 300.0) -> tuple[torch.device, dist.Store]:
     """Start the default process group (gloo on CPU, NCCL on GPUs); return this rank's
     device and the job's store (the rendezvous' key-value store, which
@@ -197,6 +212,7 @@ def shared_from_rank0(fn, user_errors: tuple[type[Exception], ...]):
 
 
 def _spawned(rank: int, world_size: int, port: int, threads: int, fn, args: tuple) -> None:
+    quiet_libraries()
     torch.set_num_threads(threads)
     init_distributed(LaunchInfo(rank, world_size, rank, "127.0.0.1", port, "spawn"), timeout_s=300)
     try:

@@ -6,7 +6,10 @@ status with one line.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -17,10 +20,12 @@ from alexnet_dist import faults
 from alexnet_dist.build import USER_ERRORS, build
 from alexnet_dist.checkpoint import CheckpointError
 from alexnet_dist.config import Config, ConfigError, load_config
-from alexnet_dist.distributed import ReportedOnRank0, discover, init_distributed, is_rank0, shared_from_rank0
+from alexnet_dist.distributed import (ReportedOnRank0, discover, init_distributed, is_rank0, quiet_libraries,
+                                      shared_from_rank0)
 from alexnet_dist.metrics import say
 from alexnet_dist.topology import Topology
-from alexnet_dist.training import Trainer
+from alexnet_dist.training import Trainer, TrainingDiverged
+from data_pipeline.fsutil import write_atomically
 
 __all__ = ["main", "parse_args"]
 
@@ -48,10 +53,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class RunDirLock:
+    """Global rank 0's exclusive lock on ``run.dir/lock`` for the job's life: a second job on
+    the same run.dir is refused instead of writing every line and checkpoint twice. The
+    kernel drops the lock of a process that dies, so a dead job never blocks the next."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = Path(run_dir)
+        self._file = None  # held open: closing it would release the lock
+
+    def acquire(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            f = open(self.run_dir / "lock", "a+")
+        except OSError as e:
+            raise ConfigError(f"run.dir {self.run_dir} is not writable: {e.strerror}") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a job"
+            f.close()
+            raise ConfigError(f"run.dir {self.run_dir} is in use by another job ({holder}): wait for it to end, "
+                              "or give this job another run.dir") from None
+        except OSError:
+            pass  # a file system without locks: nothing to hold
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+
+
+def _stop_on_signals(trainer: Trainer) -> None:
+    """SIGTERM (a scheduler's preemption) and Ctrl-C make every rank checkpoint and exit at
+    the next report; a second Ctrl-C stops at once."""
+    def stop(signum, frame) -> None:
+        if signum == signal.SIGINT and trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+
+
 def _run(cfg: Config, device: torch.device) -> None:
     trainer = Trainer(build(cfg, device))
-    signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+    _stop_on_signals(trainer)
     trainer.resume()
+    shared_from_rank0(lambda: _write_resolved_config(cfg), USER_ERRORS)  # only once the resume was accepted
     if cfg.run.evaluate_only:
         if trainer.parts.val_feed is None:
             raise ConfigError("run.evaluate_only needs data.val_dir")
@@ -80,14 +129,14 @@ def _outcome(cfg: Config, step: int, total: int) -> str:
 def _write_resolved_config(cfg: Config) -> None:
     run_dir = Path(cfg.run.dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_atomically(str(run_dir / "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except OSError as e:
         raise ConfigError(f"run.dir {run_dir} is not writable: {e.strerror}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     info = discover()
     where = f"[rank {info.rank}/{info.world_size}]"
     context = None
@@ -96,10 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         Topology(info.world_size)
         device, store = init_distributed(info, cfg.run.collective_timeout_s)
         context = faults.register_rank(cfg.run.dir, store)
-        shared_from_rank0(lambda: _write_resolved_config(cfg), USER_ERRORS)
+        lock = RunDirLock(cfg.run.dir)
+        shared_from_rank0(lock.acquire, USER_ERRORS)
         _run(cfg, device)
     except ReportedOnRank0:
         return 2
+    except TrainingDiverged as e:  # every rank knows it (the losses are all-reduced): say it once
+        if info.rank == 0:
+            say(f"error {where}: {e}", sys.stderr)
+        return 3
     except (*USER_ERRORS, ValueError) as e:
         say(f"error {where}: {e}", sys.stderr)
         return 2

@@ -7,7 +7,10 @@ is the one reader of the file, for the trainer's resume and for the pictures.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -16,10 +19,10 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from alexnet_dist.distributed import is_rank0
+from alexnet_dist.distributed import VERBOSE, is_rank0
 from data_pipeline.fsutil import write_atomically
 
-__all__ = ["MetricsLog", "Progress", "read_records", "say"]
+__all__ = ["MetricsLog", "Progress", "quiet_stdout", "read_records", "say"]
 
 
 def say(message: str, stream: TextIO | None = None) -> None:
@@ -28,6 +31,16 @@ def say(message: str, stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout  # looked up at the call: the stream may have been replaced
     stream.write(message + "\n")
     stream.flush()
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """What Python code prints to stdout inside, discarded (unless :data:`VERBOSE` is set)."""
+    if os.environ.get(VERBOSE):
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def _complete_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -86,9 +99,15 @@ class MetricsLog:
         write_atomically(str(self.path), "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
+        """Append ``record``; a full disk is named with this file."""
+        if not self.enabled:
+            return
+        line = json.dumps(record, allow_nan=False) + "\n"  # NaN is not JSON: the trainer stops before it
+        try:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
 
 class Progress:

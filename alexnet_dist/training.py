@@ -23,7 +23,11 @@ from alexnet_dist.distributed import is_rank0
 from alexnet_dist.metrics import Progress, say
 from alexnet_dist.model import memory_format_for
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "TrainingDiverged"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a number; the message is the one line the user sees."""
 
 
 class Trainer:
@@ -56,25 +60,30 @@ class Trainer:
         )
 
     def _client_state(self) -> dict:
+        """The loop's state, in tensors and plain values only, so the checkpoint's files
+        read back with ``torch.load(weights_only=True)`` (no pickled code runs)."""
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
         return dict(
             step=self.step, best_top1=self.best_top1, schedule=self.parts.schedule.state_dict(),
-            rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()),
+            rng=dict(torch=torch.get_rng_state(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                         has_gauss, gauss), python=random.getstate()),
         )
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint of ``run.dir``, if there is one."""
-        checkpoints = self.parts.checkpoints
-        state = checkpoints.load(self.engine, self.layout())
-        if state is None:
+        loaded = self.parts.checkpoints.load(self.engine, self.layout())
+        if loaded is None:
             return
+        path, state = loaded
         self.step, self.best_top1 = state["step"], state["best_top1"]
         self.parts.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
+        name, keys, *rest = state["rng"]["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
         random.setstate(state["rng"]["python"])
         self.parts.metrics.truncate_after(self.step)
         if is_rank0():
-            say(f"resumed from step {self.step} ({checkpoints.newest()})")
+            say(f"resumed from step {self.step} ({path})")
 
     def save(self, best: bool = False) -> None:
         self.parts.checkpoints.save(self.engine, self.step, self._client_state(), self.layout(), best)
@@ -121,7 +130,9 @@ class Trainer:
         dp = self.groups.topology.data_parallel_size
         mean = exchanges.all_reduce_sum(torch.stack(losses), self.groups.data_group) / dp
         images_per_sec = len(losses) * self.global_batch / max(seconds, 1e-9)
-        for i, loss in enumerate(mean.tolist()):
+        values = mean.tolist()
+        self._check_finite(values, first_step)
+        for i, loss in enumerate(values):
             step = first_step + i
             self.parts.metrics.write(dict(
                 step=step + 1, epoch=step // self.parts.steps_per_epoch + 1, loss=loss,
@@ -129,6 +140,19 @@ class Trainer:
             ))
         progress.update(first_step + len(losses) - 1, mean[-1].item(), images_per_sec,
                         waited / max(seconds, 1e-9), len(losses))
+
+    def _check_finite(self, losses: list[float], first_step: int) -> None:
+        """Stop at the first loss that is not a number (same on every rank: it is all-reduced),
+        before it is written, evaluated or saved."""
+        bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        if bad is None:
+            return
+        step = first_step + bad
+        kept = self.parts.checkpoints.newest()
+        raise TrainingDiverged(
+            f"the loss is {losses[bad]} at step {step + 1} (lr {self.parts.schedule.lr(step):.3g}): training diverged "
+            f"and stops; {f'the checkpoint {kept.name} is the last one kept' if kept else 'no checkpoint was kept'}. "
+            "Lower train.lr, or set train.warmup_steps or train.grad_clip")
 
     def fit(self) -> None:
         """Train from the current step to ``total_steps`` (or a requested stop, after a checkpoint)."""
@@ -147,7 +171,10 @@ class Trainer:
                 loss, wait = self.train_step(batches)
                 losses.append(loss)
                 waited += wait
-                if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
+                epoch_ends = self.step % self.parts.steps_per_epoch == 0 or self.step == self.total_steps
+                checkpoint = bool(cfg.run.checkpoint_every) and self.step % cfg.run.checkpoint_every == 0
+                # A report checks the losses, so one comes before anything is evaluated or saved.
+                if self.step % cfg.run.log_every == 0 or epoch_ends or checkpoint:
                     self._report(losses, first, time.perf_counter() - start - paused, waited, progress)
                     losses, first, start, paused, waited = [], self.step, time.perf_counter(), 0.0, 0.0
                     if exchanges.any_rank(self.stop_requested, self.device):
@@ -155,9 +182,9 @@ class Trainer:
                         self.save()
                         return
                 t0 = time.perf_counter()
-                if self.step % self.parts.steps_per_epoch == 0 or self.step == self.total_steps:
+                if epoch_ends:
                     self._end_epoch(progress)
-                elif cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
+                elif checkpoint:
                     self.save()
                 paused += time.perf_counter() - t0
         finally:
@@ -199,6 +226,9 @@ class Trainer:
             ])
         model.train()
         loss, top1, top5, count = exchanges.all_reduce_sum(totals, self.groups.data_group).tolist()
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the validation loss is {loss} at step {self.step}: the network's outputs are "
+                                   "not numbers; the run stops without saving")
         result = dict(step=self.step, split="val", loss=loss / count, top1=top1 / count, top5=top5 / count)
         self.parts.metrics.write(result)
         return result

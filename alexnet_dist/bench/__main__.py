@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from alexnet_dist.config import ConfigError, load_config
+from alexnet_dist.distributed import quiet_libraries
 from alexnet_dist.metrics import say
 from data_pipeline import DataError
 
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     try:
         result = run(args)
     except (ConfigError, DataError) as e:

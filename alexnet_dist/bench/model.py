@@ -36,6 +36,7 @@ from alexnet_dist.bench.timing import (bench_device, median_round, on_ranks, rou
 from alexnet_dist.config import Config, torch_dtype
 from alexnet_dist.exchanges import EXCHANGE_COUNTER
 from alexnet_dist.groups import TowerGroups
+from alexnet_dist.metrics import quiet_stdout
 from alexnet_dist.model import POOLED, AlexNet, LocalResponseNorm, memory_format_for, tower_widths
 
 __all__ = [
@@ -161,14 +162,16 @@ def _pipeline_deepspeed(rank: int, world: int, cfg: Config, num_classes: int, st
     from deepspeed.pipe import PipelineModule
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    pipe = PipelineModule(grouped_alexnet_layers(num_classes, cfg.model.width_mult, cfg.model.dropout),
-                          num_stages=2, loss_fn=lambda logits, y: F.cross_entropy(logits.float(), y),
-                          partition_method="parameters")
+    with quiet_stdout():  # the pipeline module prints every stage's layer list
+        pipe = PipelineModule(grouped_alexnet_layers(num_classes, cfg.model.width_mult, cfg.model.dropout),
+                              num_stages=2, loss_fn=lambda logits, y: F.cross_entropy(logits.float(), y),
+                              partition_method="parameters")
     global_batch = cfg.train.micro_batch_size * max(1, world // 2)
     micro = max(1, global_batch // PIPELINE_MICRO_BATCHES)
     ds = {"train_batch_size": micro * PIPELINE_MICRO_BATCHES, "train_micro_batch_size_per_gpu": micro,
           "steps_per_print": 10**9, "bf16": {"enabled": cfg.train.precision == "bf16"}}
-    engine, *_ = deepspeed.initialize(model=pipe, optimizer=_sgd(pipe, cfg), config=ds)
+    with quiet_stdout():
+        engine, *_ = deepspeed.initialize(model=pipe, optimizer=_sgd(pipe, cfg), config=ds)
     x, y = _batch(cfg, micro, num_classes, seed=0)
     batches = iter(lambda: (x, y), None)  # the same micro batch, endlessly
     times = time_steps(lambda: engine.train_batch(batches), steps, warmup, bench_device())
