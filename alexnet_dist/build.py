@@ -50,21 +50,29 @@ class Parts:
 def prepare_images(cfg: Config):
     """List (and scan) the training and validation images; the demo set when none is named."""
     from data_pipeline import ensure_demo_dataset, list_images, scan_and_filter
+    from data_pipeline.folder import name_some
 
     train_dir, val_dir = cfg.data.train_dir, cfg.data.val_dir
     cache = str(Path(cfg.data.cache_dir).expanduser())
     if train_dir is None:
         train_dir, val_dir = ensure_demo_dataset(cache)
 
-    def listed(root):
-        images = list_images(root)
+    def listed(root, classes=None):
+        images = list_images(root, classes)
         if images.ignored:
             say(images.ignored_summary())
         if cfg.data.scan:
             images = scan_and_filter(images, policy=cfg.data.on_bad_file, cache_dir=cache, progress=True)
         return images
 
-    return listed(train_dir), (listed(val_dir) if val_dir else None)
+    train = listed(train_dir)
+    if not val_dir:
+        return train, None
+    val = listed(val_dir, train.classes)  # labels by the training set's class names, never by position
+    if val.missing_classes:
+        say(f"{val_dir} has no folder for {len(val.missing_classes)} of the {len(train.classes)} training "
+            f"classes ({name_some(val.missing_classes)}): validation covers the others")
+    return train, val
 
 
 def _feeds(cfg: Config, groups: TowerGroups, device: torch.device):

@@ -35,6 +35,7 @@ class ImageList:
     classes: list[str]
     ignored: list[str] = field(default_factory=list)  # non-image files left out by extension
     root: str = ""
+    missing_classes: list[str] = field(default_factory=list)  # of ``classes``, those without a folder here
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -47,7 +48,7 @@ class ImageList:
     def select(self, keep: np.ndarray) -> ImageList:
         """The files where the boolean mask ``keep`` is true; classes unchanged."""
         files = [f for f, k in zip(self.files, keep) if k]
-        return ImageList(files, self.labels[keep], self.classes, self.ignored, self.root)
+        return ImageList(files, self.labels[keep], self.classes, self.ignored, self.root, self.missing_classes)
 
     def ignored_summary(self) -> str:
         """One line naming the non-image files left out, or "" when there are none."""
@@ -66,19 +67,29 @@ def name_some(items: list[str], shown: int = _SHOWN) -> str:
     return head if len(items) <= shown else f"{head} and {len(items) - shown} more"
 
 
-def list_images(root: str | os.PathLike) -> ImageList:
-    """Every image under ``root`` in ImageFolder layout; DataError naming what is missing."""
+def list_images(root: str | os.PathLike, classes: list[str] | None = None) -> ImageList:
+    """Every image under ``root`` in ImageFolder layout; DataError naming what is missing.
+
+    ``classes`` (a validation set: the training set's class names) fixes the labels by
+    name: a folder not among them is refused, and one of them without a folder here has
+    no images (:attr:`ImageList.missing_classes`). Links are followed, but each real
+    file is listed once and a folder that links back to itself is refused.
+    """
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if not os.path.isdir(root):
         raise DataError(f"data folder {root} does not exist (expected root/<class>/<image>.jpg)")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not folders:
         raise DataError(f"no class folders in {root}: expected ImageFolder layout root/<class>/<image>.jpg")
-    files, labels, ignored, empty = [], [], [], []
-    for label, name in enumerate(classes):
-        images, others = _walk(os.path.join(root, name))
+    if classes is not None and (unknown := sorted(set(folders) - set(classes))):
+        raise DataError(f"{root} has class folders the training set does not: {name_some(unknown)} "
+                        f"({len(unknown)} in all); validation classes are matched by name")
+    classes = list(classes) if classes is not None else folders
+    files, labels, ignored, empty, seen = [], [], [], [], {}
+    for name in folders:
+        images, others = _walk(os.path.join(root, name), root, seen)
         files += images
-        labels += [label] * len(images)
+        labels += [classes.index(name)] * len(images)
         ignored += others
         if not images:
             empty.append(name)
@@ -87,15 +98,43 @@ def list_images(root: str | os.PathLike) -> ImageList:
     if empty:
         raise DataError(f"class folder {os.path.join(root, empty[0])} holds no images ({len(empty)} empty in all)")
     rel = os.path.relpath
-    return ImageList(files, np.array(labels, dtype=np.int64), classes, [rel(f, root) for f in ignored], root)
+    missing = [c for c in classes if c not in folders]
+    return ImageList(files, np.array(labels, dtype=np.int64), classes, [rel(f, root) for f in ignored], root,
+                     missing)
 
 
-def _walk(folder: str) -> tuple[list[str], list[str]]:
-    """(image files, other files) under ``folder``, recursively, sorted by path."""
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _walk(folder: str, root: str, seen: dict[tuple[int, int], str]) -> tuple[list[str], list[str]]:
+    """(image files, other files) under the class folder ``folder``, recursively, sorted by
+    path. Links are followed; a folder that is one of its own ancestors (or the data
+    root) is a loop and refused; a real file reached twice is listed once, and one that
+    two classes share is refused (``seen``: real file -> its first path)."""
     images, others = [], []
+    above = {os.path.dirname(folder): frozenset({_identity(root)})}  # folder identities from the root down
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here, chain = _identity(dirpath), above[os.path.dirname(dirpath)]
+        if here in chain:
+            raise DataError(f"{dirpath} is a link back to a folder above it (a loop): the listing would never "
+                            "end; remove the link")
+        above[dirpath] = chain | {here}
         dirnames.sort()
         for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            try:
+                key = _identity(path)
+            except OSError:  # a dangling link: listed, and the scan names it
+                key = None
+            if key in seen:
+                first = seen[key]
+                if os.path.relpath(first, root).split(os.sep)[0] != os.path.relpath(folder, root):
+                    raise DataError(f"{path} and {first} are the same file in two classes: a sample has one label")
+                continue
+            if key is not None:
+                seen[key] = path
             is_image = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-            (images if is_image else others).append(os.path.join(dirpath, name))
+            (images if is_image else others).append(path)
     return images, others

@@ -1,0 +1,131 @@
+"""Faults and odd inputs that once gave a wrong result with exit 0, or a run that could not
+resume: each now ends in one clear line or a safe recovery (real processes, CPU)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_pipeline import list_images
+from data_pipeline.photos import make_benchmark_photos
+from tests.launch import REPO, SMALL, check, command, records, train
+from tests.reliability import error_lines, wait_for_steps
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _photos(root: Path, classes: int = 3, per_class: int = 8) -> Path:
+    make_benchmark_photos(str(root), classes * per_class, size=(80, 60), classes=classes)
+    return root
+
+
+def _one_error(result: subprocess.CompletedProcess, code: int, says: str) -> str:
+    errors = error_lines(result.stderr)
+    assert result.returncode == code and len(errors) == 1 and says in errors[0], (result.returncode, result.stderr)
+    return errors[0]
+
+
+def _all_json(run: Path) -> list[dict]:
+    """Every line of metrics.jsonl as strict JSON (NaN and Infinity refused)."""
+    def refuse(name):
+        raise ValueError(f"{name} in metrics.jsonl")
+    return [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_symlink_loop_in_a_class_folder_is_refused_in_one_line(tmp_path, cache):
+    data = _photos(tmp_path / "data")
+    os.symlink("..", data / "class0" / "up")
+    _one_error(train("python", 1, tmp_path / "run", f"data.train_dir={data}", "train.max_steps=1", cache=cache),
+               2, "class0/up is a link back to a folder above it (a loop)")
+
+
+def test_validation_labels_follow_the_class_names_not_their_position(tmp_path, cache):
+    data = _photos(tmp_path / "train")
+    shutil.copytree(data, tmp_path / "val")
+    shutil.rmtree(tmp_path / "val" / "class0")  # position 0 in val is now class1
+    val = list_images(tmp_path / "val", list_images(data).classes)
+    assert set(val.labels.tolist()) == {1, 2} and val.missing_classes == ["class0"]
+    result = check(train("python", 1, tmp_path / "run", f"data.train_dir={data}", f"data.val_dir={tmp_path / 'val'}",
+                         "train.max_steps=2", cache=cache))
+    assert "has no folder for 1 of the 3 training classes (class0)" in result.stdout
+    os.rename(tmp_path / "val" / "class2", tmp_path / "val" / "renamed")
+    _one_error(train("python", 1, tmp_path / "run2", f"data.train_dir={data}", f"data.val_dir={tmp_path / 'val'}",
+                     "train.max_steps=2", cache=cache), 2, "class folders the training set does not: renamed")
+    _one_error(train("python", 1, tmp_path / "run3", f"data.train_dir={data}", "model.num_classes=2",
+                     "train.max_steps=2", cache=cache), 2, "model.num_classes=2 is fewer than the 3 class folders")
+
+
+def test_a_diverging_run_stops_naming_the_step_and_writes_no_nan(tmp_path, cache):
+    _one_error(train("python", 1, tmp_path / "inf", "train.lr=.inf", cache=cache), 2,
+               "train.lr must be a finite number; got inf")
+    run = tmp_path / "run"
+    line = _one_error(train("deepspeed", 2, run, "train.lr=1000", "train.max_steps=30", "run.checkpoint_every=0",
+                            cache=cache), 3, "training diverged")
+    assert "the loss is nan at step" in line or "the loss is inf at step" in line, line
+    lines = _all_json(run)  # strict: a NaN would not parse
+    assert not [r for r in lines if r.get("split") == "val"]  # nothing was evaluated on a diverged network
+    assert not (run / "checkpoints" / "best").exists()
+
+
+def test_resume_repairs_a_cut_off_metrics_line_and_skips_a_damaged_checkpoint(tmp_path, cache):
+    run = tmp_path / "run"
+    sets = ["data.augment=false", "model.dropout=0", "run.checkpoint_every=2", "run.keep_last=5"]
+    check(train("python", 1, run, *sets, "train.max_steps=4", cache=cache))
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "epoch": 1, "lo')  # what a full disk leaves
+    newest = run / "checkpoints" / "step00000004"
+    model = next(newest.glob("mp_rank_*_model_states.pt"))
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # a truncated file
+    resumed = check(train("python", 1, run, *sets, "train.max_steps=6", cache=cache))
+    assert "checkpoint step00000004 is damaged" in resumed.stdout and "trying the one before it" in resumed.stdout
+    assert "resumed from step 2" in resumed.stdout and "dropped 1 damaged line" in resumed.stdout
+    assert [r["step"] for r in _all_json(run) if "split" not in r] == [1, 2, 3, 4, 5, 6]
+    # a resume that is refused leaves the run's config.yaml as it was
+    config_before = (run / "config.yaml").read_text()
+    refused = train("python", 1, run, *sets, "model.width_mult=0.25", "train.max_steps=8", cache=cache)
+    assert refused.returncode == 2 and "was made with width_mult=0.125" in refused.stderr
+    assert (run / "config.yaml").read_text() == config_before
+
+
+def test_a_second_job_on_a_run_dir_in_use_is_refused(tmp_path, cache):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "lock", "a+") as held:  # what a running job's rank 0 holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere\n")
+        held.flush()
+        _one_error(train("python", 1, run, "train.max_steps=1", cache=cache), 2,
+                   "is in use by another job (pid 4242 on elsewhere)")
+    check(train("python", 1, run, "train.max_steps=1", cache=cache))  # the lock is free again: it runs
+
+
+def test_ctrl_c_checkpoints_and_exits_like_sigterm(tmp_path, cache):
+    run = tmp_path / "run"
+    args = []
+    for s in [*SMALL, f"run.dir={run}", f"data.cache_dir={cache}", "train.max_steps=2000", "run.checkpoint_every=0"]:
+        args += ["--set", s]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    job = subprocess.Popen(command("python", 1, args), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_steps(run, 3)
+        job.send_signal(signal.SIGINT)
+        out, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "stop requested: checkpoint at step" in out, (out[-2000:], err[-2000:])
+    steps = [r["step"] for r in records(run)]
+    assert (run / "checkpoints" / f"step{steps[-1]:08d}" / "COMPLETE").is_file()
+    assert f"stopped at step {steps[-1]} of " in out
