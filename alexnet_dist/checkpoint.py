@@ -77,6 +77,9 @@ class Checkpoints:
         except OSError as e:
             shutil.rmtree(path, ignore_errors=True)  # a partial save would keep a full disk full
             raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from None
+        except BaseException:  # torch's own write failure (a full disk too), an interrupt
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         barrier()  # every tower's files are on disk before the checkpoint counts
         if is_rank0():
             write_atomically(str(path / META), json.dumps({**meta, "step": step, "best": best}, indent=1))
