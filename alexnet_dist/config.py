@@ -111,8 +111,8 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps and train.grad_clip must not be negative")
         if self.precision == "fp16" and self.zero_stage == 0:
             # DeepSpeed 0.19's engine scales the loss only for ZeRO optimizers, while its
-            # stage-0 fp16 optimizer still divides the gradients by the loss scale: on an
-            # H100 the network did not learn in 100 steps where bf16 converged in 20.
+            # stage-0 fp16 optimizer still divides the gradients by the loss scale: on a GPU
+            # the network did not learn where bf16 did (docs/BENCHMARKS.md).
             raise ConfigError("train.precision=fp16 needs train.zero_stage=1 (DeepSpeed's stage-0 fp16 "
                               "optimizer shrinks every update by its loss scale); or use bf16")
 
@@ -289,7 +289,7 @@ def deepspeed_config(cfg: Config, data_parallel_size: int) -> dict[str, Any]:
     elif t.precision == "bf16":
         # fp32 weights and bf16 compute, through DeepSpeed's torch.autocast: its "bf16" mode
         # (bf16 weights, fp32 master copies) checks each gradient for overflow with a host
-        # sync, which bf16 never needs: 37 syncs per step and 0.64x the rate on an H100.
+        # sync, which bf16 never needs; the rates measured: docs/BENCHMARKS.md.
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     monitor_dir = str(Path(cfg.run.dir) / "monitor")
     if cfg.run.tensorboard:

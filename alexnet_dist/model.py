@@ -262,7 +262,7 @@ class AlexNet(nn.Module):
     convolutional layers one after another, so chunk k's exchange (conv3's input, most
     of the forward bytes, then fc6's) is in flight while chunk k+1 computes. The chunks
     join before the classifier: a matrix product reads its whole weight matrix once per
-    chunk (fc6-fc8 hold 96 % of the weights), which costs more than the small fc7 and
+    chunk (fc6-fc8 hold nearly all of the weights), which costs more than the small fc7 and
     fc8 exchanges could hide. The result is the same network.
     """
 

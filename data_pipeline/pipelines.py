@@ -37,8 +37,7 @@ def _shorter_side(encoded):
 def _linear_unless_same_size(shorter, target: int):
     """Per sample: nearest neighbour where the shorter side already is ``target`` (the
     scale is exactly 1, so it is an exact copy), linear otherwise. DALI's linear filter
-    costs about 0.9 ms per 224x224 image on a CPU core even at scale 1, more than the
-    decode; data down-sampled the paper's way (``data_pipeline.downsample``) is all that case."""
+    costs more than the decode even at scale 1 (docs/BENCHMARKS.md); data down-sampled the paper's way (``data_pipeline.downsample``) is all that case."""
     return fn.cast(shorter != target, dtype=types.INTERP_TYPE)  # 0: INTERP_NN, 1: INTERP_LINEAR
 
 
