@@ -77,9 +77,6 @@ class Checkpoints:
         except OSError as e:
             shutil.rmtree(path, ignore_errors=True)  # a partial save would keep a full disk full
             raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from None
-        except BaseException:  # torch's own write failure (a full disk too), an interrupt
-            shutil.rmtree(path, ignore_errors=True)
-            raise
         barrier()  # every tower's files are on disk before the checkpoint counts
         if is_rank0():
             write_atomically(str(path / META), json.dumps({**meta, "step": step, "best": best}, indent=1))
@@ -105,7 +102,8 @@ class Checkpoints:
 
         Global rank 0 checks the candidates (a checkpoint is only complete once every
         rank's files are on the shared run.dir), falling back to older ones with one
-        line each, and removes what unfinished saves left; every rank loads its choice.
+        line each; every rank loads its choice. What an unfinished save left is pruned
+        by the next checkpoint.
         """
         path = broadcast_object(self._choose(layout) if is_rank0() else None)
         if isinstance(path, CheckpointError):
@@ -122,8 +120,6 @@ class Checkpoints:
 
     def _choose(self, layout: dict[str, Any]) -> Path | CheckpointError | None:
         """Rank 0's pick: the newest complete checkpoint that passes :func:`damage`."""
-        for partial in self.incomplete():
-            shutil.rmtree(partial, ignore_errors=True)
         done = self.complete()
         for path in reversed(done):
             try:
