@@ -56,7 +56,7 @@ def classify(model_file: str | Path, image: str | Path, top: int = 5) -> list[tu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m alexnet_dist.export", description=__doc__.splitlines()[0],
+        prog="python -m alexnet_dist.export", description="Write the whole network of a run as one file, for inference.",
         epilog="The file holds the weights, the class names and the preprocessing; "
                "AlexNet.load(OUT) returns the network in eval mode.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run's run.dir (its newest complete checkpoint)")

@@ -43,12 +43,11 @@ def quiet_stdout() -> Iterator[None]:
         yield
 
 
-def _complete_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of every non-blank line that ends with its newline: a last line
-    without one is being written by a live run, or was cut off by a full disk."""
-    for number, line in enumerate(path.read_text().split("\n")[:-1], 1):
-        if line.strip():
-            yield number, line
+def _split_lines(text: str) -> tuple[list[tuple[int, str]], str]:
+    """((line number, text) of every non-blank line that ends with its newline, what follows
+    the last newline): that rest is being written by a live run, or was cut off by a full disk."""
+    *complete, rest = text.split("\n")
+    return [(number, line) for number, line in enumerate(complete, 1) if line.strip()], rest
 
 
 def _record(line: str) -> dict[str, Any] | None:
@@ -63,7 +62,7 @@ def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) of every complete line of a ``metrics.jsonl``, in order;
     ValueError naming ``path:line`` for a complete line that is not a JSON object."""
     records = []
-    for number, line in _complete_lines(path):
+    for number, line in _split_lines(path.read_text())[0]:
         record = _record(line)
         if record is None:
             raise ValueError(f"{path}:{number}: not JSON (one object per line): {line[:80]!r}")
@@ -83,15 +82,16 @@ class MetricsLog:
         nothing damaged: a cut-off last line or a line that is not JSON is dropped, and said."""
         if not self.enabled or not self.path.exists():
             return
+        text = self.path.read_text()
+        lines, rest = _split_lines(text)
         kept, damaged = [], []
-        for number, line in _complete_lines(self.path):
+        for number, line in lines:
             record = _record(line)
             if record is None or not isinstance(record.get("step"), int):
                 damaged.append(number)
             elif record["step"] <= step:
                 kept.append(line)
-        text = self.path.read_text()
-        if text and not text.endswith("\n"):
+        if rest.strip():
             damaged.append(text.count("\n") + 1)
         if damaged:
             say(f"{self.path}: dropped {len(damaged)} damaged line(s) (line {', '.join(map(str, damaged[:5]))}); "

@@ -359,7 +359,8 @@ def plot_bench(result: dict[str, Any], path: Path) -> None:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m alexnet_dist.viz", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m alexnet_dist.viz",
+                                description="Draw a run: filters.png (conv1 of each tower) and curves.png.")
     p.add_argument("path", type=Path, help="a run directory (run.dir) or a file from alexnet_dist.export")
     p.add_argument("--out", type=Path, help="folder for the PNGs (default: the run directory or the file's folder)")
     return p.parse_args(argv)

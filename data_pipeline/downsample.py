@@ -88,12 +88,13 @@ def downsample_folder(src: str, dst: str, size: int = 256, quality: int = 90,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.downsample", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.downsample", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("src", help="image folder in ImageFolder layout (SRC/<class>/<image>)")
     parser.add_argument("dst", help="where the copy goes (created; files already there are kept)")
     parser.add_argument("--size", type=int, default=256, help="side of the square images (the paper: 256)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the copies")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    parser.add_argument("--workers", type=int, default=None, help="processes; unset: one per core")
     args = parser.parse_args(argv)
     if args.size < 1 or not 1 <= args.quality <= 100 or (args.workers is not None and args.workers < 1):
         parser.error("--size and --workers must be positive, --quality within 1..100")

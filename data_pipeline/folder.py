@@ -129,9 +129,8 @@ def _walk(folder: str, root: str, seen: dict[tuple[int, int], str]) -> tuple[lis
             except OSError:  # a dangling link: listed, and the scan names it
                 key = None
             if key in seen:
-                first = seen[key]
-                if os.path.relpath(first, root).split(os.sep)[0] != os.path.relpath(folder, root):
-                    raise DataError(f"{path} and {first} are the same file in two classes: a sample has one label")
+                if os.path.dirname(os.path.relpath(seen[key], root)).split(os.sep)[0] != os.path.basename(folder):
+                    raise DataError(f"{path} and {seen[key]} are the same file in two classes: a sample has one label")
                 continue
             if key is not None:
                 seen[key] = path

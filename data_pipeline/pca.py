@@ -59,12 +59,13 @@ def _sample_pixels(path: str, count: int, seed: int) -> np.ndarray | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.pca", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.pca", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("dir", help="training set in ImageFolder layout")
     parser.add_argument("--out", default="pca.json", help="JSON file to write (name it in data.pca)")
     parser.add_argument("--images", type=int, default=2000, help="images sampled")
     parser.add_argument("--pixels", type=int, default=1000, help="pixels sampled per image")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     args = parser.parse_args(argv)
     try:
         images = list_images(args.dir)

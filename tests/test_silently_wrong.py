@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import list_images
+from data_pipeline import DataError, list_images
 from data_pipeline.photos import make_benchmark_photos
 from tests.launch import REPO, SMALL, check, command, records, train
 from tests.reliability import error_lines, wait_for_steps
@@ -48,6 +48,17 @@ def test_a_symlink_loop_in_a_class_folder_is_refused_in_one_line(tmp_path, cache
     os.symlink("..", data / "class0" / "up")
     _one_error(train("python", 1, tmp_path / "run", f"data.train_dir={data}", "train.max_steps=1", cache=cache),
                2, "class0/up is a link back to a folder above it (a loop)")
+
+
+def test_a_file_reached_twice_is_listed_once_and_one_shared_by_two_classes_is_refused(tmp_path):
+    data = _photos(tmp_path / "data")
+    first = data / "class0" / "photo000000.jpg"
+    (data / "class0" / "sub").mkdir()
+    os.symlink(first, data / "class0" / "sub" / "again.jpg")
+    assert len(list_images(data)) == 24  # the link is the same real file
+    os.symlink(first, data / "class1" / "borrowed.jpg")
+    with pytest.raises(DataError, match="are the same file in two classes"):
+        list_images(data)
 
 
 def test_validation_labels_follow_the_class_names_not_their_position(tmp_path, cache):
