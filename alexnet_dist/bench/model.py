@@ -161,8 +161,8 @@ def _pipeline_deepspeed(rank: int, world: int, cfg: Config, num_classes: int, st
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    with quiet_stdout():  # the pipeline module prints every stage's layer list
+    with quiet_stdout():  # DeepSpeed's "built successfully", and every pipeline stage's layer list
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         pipe = PipelineModule(grouped_alexnet_layers(num_classes, cfg.model.width_mult, cfg.model.dropout),
                               num_stages=2, loss_fn=lambda logits, y: F.cross_entropy(logits.float(), y),
                               partition_method="parameters")
