@@ -19,15 +19,18 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
 from alexnet_dist.exchanges import broadcast_object
 
 __all__ = [
-    "LaunchInfo", "ReportedOnRank0", "VERBOSE", "discover", "free_port", "init_distributed", "is_rank0",
-    "keep_freed_memory", "quiet_libraries", "shared_from_rank0", "spawn_ranks", "unlink_deepspeed_shm",
+    "LAUNCHER_COMMANDS", "LaunchInfo", "PortInUse", "ReportedOnRank0", "VERBOSE", "discover", "free_port",
+    "init_distributed", "is_rank0", "keep_freed_memory", "launcher_ancestors", "quiet_libraries",
+    "shared_from_rank0", "spawn_ranks", "unlink_deepspeed_shm",
 ]
 
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
@@ -106,6 +109,35 @@ def discover() -> LaunchInfo:
     return LaunchInfo(0, 1, 0, "127.0.0.1", 0, "single")
 
 
+# Programs and modules that launch ranks: an ancestor running one of them is a launcher.
+LAUNCHER_COMMANDS = frozenset({
+    "deepspeed", "deepspeed.launcher.launch", "deepspeed.launcher.runner",
+    "torchrun", "torch.distributed.run", "torch.distributed.launch",
+    "mpirun", "mpiexec", "mpiexec.hydra", "hydra_pmi_proxy",
+})
+
+
+def _launcher_name(proc: psutil.Process) -> str | None:
+    """The launcher ``proc`` runs: its program, or the script or module its interpreter runs
+    (``python -u -m deepspeed.launcher.launch ...``); None for anything else."""
+    return next((Path(arg).name for arg in proc.cmdline()[:4] if Path(arg).name in LAUNCHER_COMMANDS), None)
+
+
+def launcher_ancestors(pid: int | None = None) -> list[tuple[psutil.Process, str]]:
+    """The launchers above process ``pid`` (default: this one) with their names, nearest
+    first: its parent and grandparents while each is a launcher. Empty when started
+    otherwise (python train.py, a test)."""
+    chain = []
+    try:
+        proc = psutil.Process(pid).parent()
+        while proc is not None and proc.pid > 1 and (name := _launcher_name(proc)):
+            chain.append((proc, name))
+            proc = proc.parent()
+    except psutil.Error:  # an ancestor exited while we looked: watch what was found
+        pass
+    return chain
+
+
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for reuse instead of returning it to the
     kernel; True where it took (not on other C libraries).
@@ -135,6 +167,54 @@ def quiet_libraries() -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
+class PortInUse(RuntimeError):
+    """Another job holds this job's master port; the message is the one line the user sees."""
+
+    def __init__(self, info: LaunchInfo, holder: str) -> None:
+        super().__init__(
+            f"port {info.master_port} on {info.master_addr} is in use by another job ({holder}): give each job "
+            "on a machine its own port (deepspeed --master_port P, torchrun --master-port P, or MASTER_PORT=P)")
+
+
+def _owner(launched_by: list[tuple[psutil.Process, str]]) -> str:
+    """``host launcher-pid``: whose store this is, as a rank of the same host can check it
+    (launchers start a host's ranks together); ``host -`` without a launcher."""
+    return f"{socket.gethostname()} {launched_by[0][0].pid if launched_by else '-'}"
+
+
+def _join_store(info: LaunchInfo, timeout: datetime.timedelta) -> dist.Store:
+    """The job's store at the master's address, checked to be this job's own.
+
+    Two jobs started on one port meet at the first one's store: the second's rank 0 cannot
+    listen there, while its other ranks connect to the first job's store and, unchecked,
+    take the first job's ranks' places in its rendezvous (the innocent job then hung until
+    its timeout). So rank 0 writes down who it is: a rank on the same host under another
+    launcher is in another job and leaves before writing anything. Each rank then claims
+    its number; the first claim stands (what tells jobs apart across hosts).
+    """
+    url = f"tcp://{info.master_addr}:{info.master_port}"
+    try:
+        store, _, _ = next(dist.rendezvous(url, rank=info.rank, world_size=info.world_size, timeout=timeout))
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise PortInUse(info, "it listens there already") from None
+    generation = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's restarts share its store
+    key = f"alexnet_dist/{generation}"
+    mine = _owner(launcher_ancestors())
+    if info.rank == 0:
+        store.set(f"{key}/owner", mine)
+    owner = store.get(f"{key}/owner").decode()
+    (host, launcher), (my_host, my_launcher) = owner.split(), mine.split()
+    if host == my_host and "-" not in (launcher, my_launcher) and launcher != my_launcher:
+        raise PortInUse(info, f"its rank 0 runs under launcher pid {launcher} on {host}")
+    me = f"pid {os.getpid()} on {my_host}"
+    holder = store.compare_set(f"{key}/rank{info.rank}", "", me).decode()
+    if holder != me:
+        raise PortInUse(info, f"its rank {info.rank} is {holder}")
+    return store
+
+
 def init_distributed(info: LaunchInfo, timeout_s: float = 300.0) -> tuple[torch.device, dist.Store]:
     """Start the default process group (gloo on CPU, NCCL on GPUs); return this rank's
     device and the job's store (the rendezvous' key-value store, which
@@ -160,8 +240,7 @@ def init_distributed(info: LaunchInfo, timeout_s: float = 300.0) -> tuple[torch.
         store = dist.HashStore()
     else:
         os.environ.update(MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
-        url = f"tcp://{info.master_addr}:{info.master_port}"
-        store, _, _ = next(dist.rendezvous(url, rank=info.rank, world_size=info.world_size, timeout=timeout))
+        store = _join_store(info, timeout)
     dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size, timeout=timeout,
                             **bound)
     return device, store

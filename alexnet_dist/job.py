@@ -20,8 +20,8 @@ from alexnet_dist import faults
 from alexnet_dist.build import USER_ERRORS, build
 from alexnet_dist.checkpoint import CheckpointError
 from alexnet_dist.config import Config, ConfigError, load_config
-from alexnet_dist.distributed import (ReportedOnRank0, discover, init_distributed, is_rank0, quiet_libraries,
-                                      shared_from_rank0)
+from alexnet_dist.distributed import (PortInUse, ReportedOnRank0, discover, init_distributed, is_rank0,
+                                      quiet_libraries, shared_from_rank0)
 from alexnet_dist.metrics import say
 from alexnet_dist.topology import Topology
 from alexnet_dist.training import Trainer, TrainingDiverged
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if info.rank == 0:
             say(f"error {where}: {e}", sys.stderr)
         return 3
-    except (*USER_ERRORS, ValueError) as e:
+    except (*USER_ERRORS, PortInUse, ValueError) as e:
         say(f"error {where}: {e}", sys.stderr)
         return 2
     except Exception as e:  # a rank gone, a collective timed out, a full disk: one line; anything else re-raised
