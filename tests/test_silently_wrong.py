@@ -6,18 +6,22 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from alexnet_dist.distributed import free_port
 from data_pipeline import DataError, list_images
 from data_pipeline.photos import make_benchmark_photos
 from tests.launch import REPO, SMALL, check, command, records, train
-from tests.reliability import error_lines, wait_for_steps
+from tests.reliability import Job, error_lines, metric_steps, set_args, wait_for_steps, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +144,83 @@ def test_ctrl_c_checkpoints_and_exits_like_sigterm(tmp_path, cache):
     steps = [r["step"] for r in records(run)]
     assert (run / "checkpoints" / f"step{steps[-1]:08d}" / "COMPLETE").is_file()
     assert f"stopped at step {steps[-1]} of " in out
+
+
+def _listening(port: int) -> bool:
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in psutil.net_connections("tcp"))
+
+
+# A stand-in for a node launcher (its name makes it one to the ranks): starts a job's ranks
+# on MASTER_PORT, each once its gate file exists, and exits with the worst status.
+_GATED_LAUNCHER = """
+import json, os, subprocess, sys, time
+spec = json.loads(sys.argv[1])
+procs = []
+for rank, gate in spec["ranks"]:
+    while gate and not os.path.exists(gate):
+        time.sleep(0.05)
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(spec["port"]))
+    procs.append(subprocess.Popen(spec["cmd"], env=env))
+sys.exit(max(abs(p.wait()) for p in procs))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_job_on_a_port_in_use_is_refused_and_the_first_trains_on(tmp_path, cache):
+    """Two jobs started together on one port: the second's rank 0 cannot listen, and its
+    rank 1 reaches the first job's store while the first job's rank 1 is still starting.
+    Unchecked, it took that rank's place in the first job's rendezvous: the first job hung
+    until run.collective_timeout_s and died. Here the order is made exact by gates."""
+    launcher = tmp_path / "deepspeed"
+    launcher.write_text(_GATED_LAUNCHER)
+    port, gate = free_port(), tmp_path / "first-rank1.go"
+
+    def start(name: str, ranks: list) -> Job:
+        cmd = [sys.executable, str(REPO / "train.py"), *set_args(tmp_path / name, cache, "train.max_steps=6")]
+        return Job.start([sys.executable, launcher, json.dumps(dict(port=port, ranks=ranks, cmd=cmd))],
+                         tmp_path / f"{name}.log")
+
+    first = start("first", [(0, None), (1, str(gate))])
+    second = None
+    try:
+        wait_until(lambda: _listening(port), 120, "the first job's store")
+        second = start("second", [(0, None), (1, None)])
+        assert second.wait(120) != 0, second.tail()
+        errors = error_lines(second.output())
+        assert len(errors) == 2, second.tail()
+        assert all(f"port {port} on 127.0.0.1 is in use by another job" in e and "--master_port" in e
+                   for e in errors), errors
+        gate.touch()
+        assert first.wait(240) == 0, first.tail()
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+    assert [r["step"] for r in records(tmp_path / "first")] == list(range(1, 7))
+    assert not error_lines(first.output()), first.tail()
+
+
+@pytest.mark.slow
+def test_ranks_whose_launcher_is_killed_checkpoint_and_stop(tmp_path, cache):
+    """``kill -9`` of the deepspeed runner alone: its node launcher and ranks used to train
+    on, re-parented and unseen, to the end."""
+    run = tmp_path / "run"
+    job = Job.train("deepspeed", 2, run, cache, "train.max_steps=2000", "run.checkpoint_every=0")
+    try:
+        wait_for_steps(run, 3)
+        below = [p for p in psutil.Process(job.pid).children(recursive=True)]
+        os.kill(job.pid, signal.SIGKILL)
+        job.proc.wait()  # reaped, as a shell would
+        killed = time.monotonic()
+        wait_until(lambda: not [p for p in below if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+                   60, "the node launcher and the ranks to exit")
+        assert time.monotonic() - killed < 60
+    finally:
+        job.kill()
+    out = job.output()
+    assert "the launcher deepspeed (pid" in out and "is gone" in out, out[-3000:]
+    stopped = int(re.search(r"stop requested: checkpoint at step (\d+), then exit", out)[1])
+    assert (run / "checkpoints" / f"step{stopped:08d}" / "COMPLETE").is_file()
+    assert max(r["step"] for r in records(run)) == stopped
+    assert not error_lines(out), out[-3000:]

@@ -10,6 +10,8 @@ Each part of the answer has its own module:
 * :mod:`~alexnet_dist.faults.relay` -- a small process between a rank's output and its
   launcher, so a launcher that disconnects cannot kill the rank with EPIPE half way
   through its checkpoint;
+* :mod:`~alexnet_dist.faults.launcher` -- ranks whose launcher was killed stop (after a
+  checkpoint) instead of training on unseen;
 * :mod:`~alexnet_dist.faults.reports` -- survivors of a failed collective tell each
   other, through the job's store, which ranks they saw die;
 * :mod:`~alexnet_dist.faults.disk` -- a full disk, named with what was being written and
@@ -26,6 +28,7 @@ import os
 import sys
 
 from alexnet_dist.faults.diagnose import FaultContext, describe_failure
+from alexnet_dist.faults.launcher import watch_launchers
 from alexnet_dist.faults.relay import guard_output
 from alexnet_dist.faults.roster import gather_roster
 
@@ -33,13 +36,15 @@ __all__ = ["FaultContext", "describe_failure", "register_rank", "report_failure"
 
 
 def register_rank(run_dir: str | os.PathLike | None, store=None) -> FaultContext:
-    """Record this rank with every other one and guard its output; call on every rank
-    once the default process group is up (collective: one ``all_gather_object``).
+    """Record this rank with every other one, guard its output and watch its launcher (a
+    launcher that dies sends this process SIGTERM); call on every rank once the default
+    process group is up (collective: one ``all_gather_object``).
     ``store`` is the job's store (:func:`alexnet_dist.distributed.init_distributed`)."""
     run_dir = os.fspath(run_dir) if run_dir is not None else None
     roster = gather_roster()
     if roster is not None and roster.world_size > 1:
         guard_output(run_dir, roster.rank)
+    watch_launchers()
     return FaultContext(run_dir=run_dir, roster=roster, store=store)
 
 
