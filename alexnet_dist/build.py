@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from alexnet_dist.checkpoint import CheckpointError, Checkpoints
-from alexnet_dist.config import Config, ConfigError, deepspeed_config
+from alexnet_dist.config import Config, ConfigError, deepspeed_config, gradient_accumulation
 from alexnet_dist.distributed import is_rank0, shared_from_rank0, unlink_deepspeed_shm
 from alexnet_dist.groups import TowerGroups
 from alexnet_dist.metrics import MetricsLog, quiet_stdout, say
@@ -20,7 +20,7 @@ from alexnet_dist.model import AlexNet, memory_format_for
 from alexnet_dist.schedule import LRSchedule
 from data_pipeline import DataError
 
-__all__ = ["Parts", "USER_ERRORS", "build", "prepare_images"]
+__all__ = ["Parts", "USER_ERRORS", "build", "prepare_images", "remaining_steps"]
 
 # What a user can fix: each is reported as one line, without a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, DataError)
@@ -44,6 +44,7 @@ class Parts:
     metrics: MetricsLog
     steps_per_epoch: int  # optimizer steps
     total_steps: int
+    grad_accum: int  # micro batches per optimizer step (train.grad_accum, or derived from train.global_batch_size)
     global_batch: int  # images per optimizer step, over every replica
 
 
@@ -141,19 +142,33 @@ def build(cfg: Config, device: torch.device) -> Parts:
     if classes and num_classes < len(classes):
         raise ConfigError(f"model.num_classes={num_classes} is fewer than the {len(classes)} class folders of "
                           "the training set; leave it unset to use the folders' number")
-    steps_per_epoch = feed.steps_per_epoch // t.grad_accum
+    dp = groups.topology.data_parallel_size
+    accum = gradient_accumulation(t, dp)
+    steps_per_epoch = feed.steps_per_epoch // accum
     if steps_per_epoch < 1:
         raise ConfigError(
-            f"train.grad_accum={t.grad_accum} needs {t.grad_accum} micro batches per step, but an epoch holds "
-            f"{feed.steps_per_epoch} per replica; lower train.grad_accum or train.micro_batch_size"
+            f"{accum} micro batches per step (train.grad_accum or train.global_batch_size) do not fit in an epoch "
+            f"of {feed.steps_per_epoch} per replica; lower train.grad_accum or train.micro_batch_size"
         )
-    total_steps = t.epochs * steps_per_epoch if t.max_steps is None else min(t.epochs * steps_per_epoch, t.max_steps)
-    global_batch = t.micro_batch_size * t.grad_accum * groups.topology.data_parallel_size
+    total_steps = remaining_steps(t.epochs, steps_per_epoch, t.max_steps)
+    global_batch = t.micro_batch_size * accum * dp
     engine, optimizer = _engine(cfg, groups, num_classes)
     return Parts(
         cfg=cfg, device=device, groups=groups, num_classes=num_classes, classes=classes, feed=feed,
         val_feed=val_feed, engine=engine, optimizer=optimizer,
         schedule=LRSchedule(t, total_steps, global_batch, steps_per_epoch),
         checkpoints=Checkpoints(cfg.run.dir, cfg.run.keep_last), metrics=MetricsLog(cfg.run.dir),
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, grad_accum=accum, global_batch=global_batch,
     )
+
+
+def remaining_steps(epochs: int, steps_per_epoch: int, max_steps: int | None, step: int = 0, epoch: int = 0,
+                    in_epoch: int = 0) -> int:
+    """The run's last step, counted from ``step`` (at ``in_epoch`` steps into 0-based ``epoch``):
+    the end of ``epochs`` epochs or ``max_steps``, whichever comes first.
+
+    >>> remaining_steps(10, 5, None), remaining_steps(10, 5, 20), remaining_steps(10, 4, None, step=17, epoch=3, in_epoch=2)
+    (50, 20, 43)
+    """
+    by_epochs = step + (epochs - epoch) * steps_per_epoch - in_epoch
+    return by_epochs if max_steps is None else min(by_epochs, max_steps)

@@ -1,10 +1,14 @@
-"""Checkpoints through DeepSpeed, made safe to resume from.
+"""Checkpoints in the single-process network's form, made safe to resume from on any layout.
 
-Layout: ``run.dir/checkpoints/step00000100/`` holds DeepSpeed's files (one
-``mp_rank_XX_model_states.pt`` per tower position, optimizer states), ``meta.json``
-(what the checkpoint was made with) and, last of all, ``COMPLETE``. Only directories
-with ``COMPLETE`` are ever resumed from, so a save cut off half way (a killed job, a
-full disk) leaves the previous checkpoint as the newest complete one.
+Layout: ``run.dir/checkpoints/step00000100/`` holds ``tower0.pt`` and ``tower1.pt`` (each
+tower's whole fp32 weights and SGD momentum under the single-process names, written by the
+rank holding that tower in replica 0; :mod:`alexnet_dist.engine_state` reads them out of
+DeepSpeed whatever ZeRO stage shards them), ``state.pt`` (the loop: step, schedule, data
+position, RNG, fp16 loss scale), ``meta.json`` (the network and the layout that wrote it)
+and, last of all, ``COMPLETE``. Only directories with ``COMPLETE`` are resumed from, so a
+save cut off half way (a killed job, a full disk) leaves the previous checkpoint as the
+newest complete one. Nothing in the files names a rank, so one process, 2, 4 or 8 ranks,
+ZeRO 0 or 1 all read any checkpoint; only the network itself must match.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import pickle
 import re
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +28,21 @@ from alexnet_dist.distributed import ReportedOnRank0, is_rank0
 from alexnet_dist.exchanges import barrier, broadcast_object
 from alexnet_dist.metrics import say
 from alexnet_dist.model import AlexNet
+from alexnet_dist.topology import NUM_TOWERS
 from data_pipeline.fsutil import write_atomically
 
-__all__ = ["CheckpointError", "Checkpoints", "LAYOUT_KEYS", "load_network", "merged_model_state", "network_args"]
+__all__ = ["CheckpointError", "Checkpoints", "Loaded", "NETWORK_KEYS", "load_network", "merged_model_state",
+           "network_args"]
 
 COMPLETE = "COMPLETE"
 META = "meta.json"
-# What must match between a checkpoint and the run resuming from it.
-LAYOUT_KEYS = ("num_classes", "width_mult", "tower_parallel_size", "data_parallel_size")
+STATE = "state.pt"
+# What must match between a checkpoint and the run resuming from it: the network itself.
+NETWORK_KEYS = ("num_classes", "width_mult")
+
+
+def tower_file(index: int) -> str:
+    return f"tower{index}.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -68,20 +80,26 @@ class Checkpoints:
         partial = self.incomplete()
         return partial[-1] if partial else None
 
-    def save(self, engine, step: int, client_state: dict[str, Any], meta: dict[str, Any], best: bool) -> Path:
-        """Save on every rank; mark complete and prune on rank 0 once all ranks wrote."""
-        tag = self.tag(step)
-        path = self.root / tag
+    def save(self, step: int, towers: dict[int, dict], state: dict[str, Any], meta: dict[str, Any],
+             best: bool) -> Path:
+        """Write this rank's share of checkpoint ``step``: the files of ``towers`` (those this rank
+        writes; may be empty) and, on rank 0, ``state``; mark it complete and prune once every
+        rank wrote. Collective."""
+        path = self.root / self.tag(step)
         try:
-            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+            path.mkdir(parents=True, exist_ok=True)
+            for index, tower in towers.items():
+                torch.save(tower, path / tower_file(index))
+            if is_rank0():
+                torch.save(state, path / STATE)
         except OSError as e:
             shutil.rmtree(path, ignore_errors=True)  # a partial save would keep a full disk full
             raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from None
-        barrier()  # every tower's files are on disk before the checkpoint counts
+        barrier()  # every tower's file is on disk before the checkpoint counts
         if is_rank0():
             write_atomically(str(path / META), json.dumps({**meta, "step": step, "best": best}, indent=1))
             write_atomically(str(path / COMPLETE), "")
-            self._prune(best_tag=tag if best else None)
+            self._prune(best_tag=path.name if best else None)
         barrier()
         return path
 
@@ -96,34 +114,37 @@ class Checkpoints:
             if p.is_dir() and p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, engine, layout: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
-        """Resume ``engine`` from the newest complete checkpoint whose files are whole;
-        (its directory, its client state), or None when there is none. Collective.
+    def load(self, network: dict[str, Any], towers: tuple[int, ...], device: torch.device) -> Loaded | None:
+        """The newest complete checkpoint whose files are whole and whose network is ``network``
+        (:data:`NETWORK_KEYS`), with the files of ``towers`` read onto ``device``; None when
+        there is no checkpoint. Collective.
 
         Global rank 0 checks the candidates (a checkpoint is only complete once every
         rank's files are on the shared run.dir), falling back to older ones with one
-        line each; every rank loads its choice. What an unfinished save left is pruned
+        line each; every rank reads its choice. What an unfinished save left is pruned
         by the next checkpoint.
         """
-        path = broadcast_object(self._choose(layout) if is_rank0() else None)
+        path = broadcast_object(self._choose(network) if is_rank0() else None)
         if isinstance(path, CheckpointError):
             raise path if is_rank0() else ReportedOnRank0(str(path))
         if path is None:
             return None
         try:
-            _, client_state = engine.load_checkpoint(str(self.root), tag=path.name)
-        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            return Loaded(path, read_meta(path), _read(path / STATE, device),
+                          {t: _read(path / tower_file(t), device) for t in towers})
+        except (OSError, RuntimeError, pickle.UnpicklingError) as e:
             raise CheckpointError(f"checkpoint {path} does not load on this rank: {' '.join(str(e).split())[:200]}")
-        if client_state is None:
-            raise CheckpointError(f"checkpoint {path} has no files for this rank's tower")
-        return path, client_state
 
-    def _choose(self, layout: dict[str, Any]) -> Path | CheckpointError | None:
+    def _choose(self, network: dict[str, Any]) -> Path | CheckpointError | None:
         """Rank 0's pick: the newest complete checkpoint that passes :func:`damage`."""
         done = self.complete()
         for path in reversed(done):
+            if any(path.glob("mp_rank_*_model_states.pt")):
+                return CheckpointError(f"checkpoint {path} was written by an earlier version of alexnet-dist "
+                                       "(DeepSpeed's own files): resume it with that version, or start with another "
+                                       "run.dir (viz and export still read it)")
             try:
-                check_layout(path, layout)  # another network or layout: the user's to fix, not to skip
+                check_network(path, network)  # another network: the user's to fix, not to skip
             except CheckpointError as e:
                 return e
             problem = damage(path)
@@ -137,21 +158,43 @@ class Checkpoints:
         return None
 
 
+@dataclass
+class Loaded:
+    """A checkpoint as one rank reads it: its directory, meta.json, the loop's state and this rank's towers."""
+
+    path: Path
+    meta: dict[str, Any]
+    state: dict[str, Any]
+    towers: dict[int, dict[str, dict[str, torch.Tensor]]]
+
+
+def _read(path: Path, device: torch.device) -> Any:
+    """A checkpoint file, read with ``weights_only=True``: tensors and plain values only, so a
+    run directory written by someone else (shared storage, a download) cannot run code here."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise CheckpointError(f"{path} holds more than tensors and plain values "
+                              f"({found[1] if found else 'objects'}): not loaded, since loading it could run "
+                              "code; a checkpoint of this version of alexnet-dist needs nothing more") from None
+
+
 def damage(path: Path) -> str | None:
     """What is wrong with a complete checkpoint's files (a few words), or None when each
     one reads back whole: torch's files are zip archives, so a truncated one has no
     central directory and a corrupted one fails its CRC."""
-    files = sorted(path.glob("*.pt"))
-    if not files:
-        return "no model files"
-    for f in files:
+    expected = [STATE, *(tower_file(t) for t in range(NUM_TOWERS))]
+    if missing := [name for name in expected if not (path / name).is_file()]:
+        return f"no {', '.join(missing)}"
+    for name in expected:
         try:
-            with zipfile.ZipFile(f) as archive:
+            with zipfile.ZipFile(path / name) as archive:
                 bad = archive.testzip()
         except (OSError, zipfile.BadZipFile) as e:
-            return f"{f.name}: {' '.join(str(e).split()) or 'unreadable'}"
+            return f"{name}: {' '.join(str(e).split()) or 'unreadable'}"
         if bad is not None:
-            return f"{f.name}: {bad} fails its checksum"
+            return f"{name}: {bad} fails its checksum"
     return None
 
 
@@ -162,36 +205,27 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} has no readable {META}: {e}") from None
 
 
-def check_layout(path: Path, layout: dict[str, Any]) -> None:
+def check_network(path: Path, network: dict[str, Any]) -> None:
     meta = read_meta(path)
-    for key in LAYOUT_KEYS:
-        if meta.get(key) != layout[key]:
+    for key in NETWORK_KEYS:
+        if meta.get(key) != network[key]:
             raise CheckpointError(
-                f"checkpoint {path} was made with {key}={meta.get(key)}, this run has {key}={layout[key]}; "
-                "use the same model and world layout, or another run.dir"
+                f"checkpoint {path} holds another network: it was made with {key}={meta.get(key)}, this run has "
+                f"{key}={network[key]}; use the same model, or another run.dir"
             )
 
 
 def merged_model_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The whole network's state dict from one checkpoint directory (every tower's file).
-
-    Read with ``weights_only=True``: a run directory written by someone else (shared
-    storage, a download) cannot run code here. A file that needs more than tensors and
-    plain values is refused in one line.
-    """
-    files = sorted(path.glob("mp_rank_*_model_states.pt"))
+    """The whole network's state dict from one checkpoint directory (every tower's file; the
+    ``mp_rank_*_model_states.pt`` of earlier versions too) and its meta, read with
+    ``weights_only=True``."""
+    towers = sorted(path.glob("tower*.pt"))
+    files = [(f, "weights") for f in towers] or [(f, "module") for f in sorted(path.glob("mp_rank_*_model_states.pt"))]
     if not files:
         raise CheckpointError(f"no model states in {path}")
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            module = torch.load(f, map_location="cpu", weights_only=True)["module"]
-        except pickle.UnpicklingError as e:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            raise CheckpointError(f"{f} holds more than tensors and plain values "
-                                  f"({found[1] if found else 'objects'}): not loaded, since loading it could run "
-                                  "code; a checkpoint of this version of alexnet-dist needs nothing more") from None
-        state.update({k: v.float() for k, v in module.items()})
+    for f, key in files:
+        state.update({k: v.float() for k, v in _read(f, torch.device("cpu"))[key].items()})
     return state, read_meta(path)
 
 

@@ -24,7 +24,7 @@ import yaml
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig",
-    "DEFAULT_CONFIG", "deepspeed_config", "load_config", "parse_overrides", "reference_markdown", "torch_dtype",
+    "DEFAULT_CONFIG", "deepspeed_config", "gradient_accumulation", "load_config", "parse_overrides", "reference_markdown", "torch_dtype",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -78,6 +78,7 @@ class ModelConfig:
 class TrainConfig:
     micro_batch_size: int = 128  # images per data-parallel replica per step
     grad_accum: int = 1  # micro batches per optimizer step
+    global_batch_size: int | None = None  # images per optimizer step whatever the layout (grad_accum derived)
     max_steps: int | None = None  # optimizer steps; stop at this or train.epochs, whichever first
     epochs: int = 90  # passes over the training set
     seed: int = 0  # same seed, config and layout: same losses
@@ -105,6 +106,8 @@ class TrainConfig:
         _positive(self, "micro_batch_size", "grad_accum", "epochs", "eval_every_epochs", "exchange_chunks")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be positive, got {self.max_steps}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"train.global_batch_size must be positive, got {self.global_batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.warmup_steps < 0 or self.grad_clip < 0:
@@ -147,6 +150,34 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def gradient_accumulation(train: TrainConfig, replicas: int) -> int:
+    """Micro batches per optimizer step on ``replicas`` replicas: ``train.grad_accum``, or what
+    keeps ``train.global_batch_size`` images per step (global = micro x accumulation x replicas).
+
+    >>> t = TrainConfig(micro_batch_size=4, global_batch_size=16)
+    >>> [gradient_accumulation(t, r) for r in (1, 2, 4)]
+    [4, 2, 1]
+    >>> gradient_accumulation(t, 3)
+    Traceback (most recent call last):
+    ...
+    alexnet_dist.config.ConfigError: train.global_batch_size=16 cannot be reached on 3 replicas with train.micro_batch_size=4: it must be a multiple of 4 x 3 = 12; choose a train.micro_batch_size that divides 16 / 3, or another layout
+    """
+    if train.global_batch_size is None:
+        return train.grad_accum
+    per_step = train.micro_batch_size * replicas
+    accum, rest = divmod(train.global_batch_size, per_step)
+    if rest or not accum:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} cannot be reached on {replicas} "
+            f"replica{'s' if replicas > 1 else ''} with train.micro_batch_size={train.micro_batch_size}: it must be "
+            f"a multiple of {train.micro_batch_size} x {replicas} = {per_step}; choose a train.micro_batch_size that "
+            f"divides {train.global_batch_size} / {replicas}, or another layout")
+    if train.grad_accum not in (1, accum):
+        raise ConfigError(f"train.grad_accum={train.grad_accum} and train.global_batch_size="
+                          f"{train.global_batch_size} disagree on {replicas} replicas (it needs {accum}): set one")
+    return accum
 
 
 def torch_dtype(precision: str):
@@ -274,10 +305,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 def deepspeed_config(cfg: Config, data_parallel_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON for this config (the optimizer and schedule stay ours)."""
     t = cfg.train
+    accum = gradient_accumulation(t, data_parallel_size)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * data_parallel_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * data_parallel_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "zero_allow_untested_optimizer": True,  # plain SGD under ZeRO

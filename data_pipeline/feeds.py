@@ -175,6 +175,7 @@ class TrainFeed(_Feed):
         self.micro_batch_size, self.seed, self.augment = micro_batch_size, seed, augment
         self.replica, self.num_replicas, self.roi_decode = replica, num_replicas, roi_decode
         self.steps_per_epoch = len(images) // global_batch
+        self.num_samples = len(images)
         self.eigval, self.eigvec = eigen if eigen is not None else load_eigen(None)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -278,6 +279,7 @@ class SyntheticFeed:
         y = torch.randint(num_classes, (micro_batch_size,), generator=generator)
         self._batch = (x.to(device, dtype), y.to(device))
         self.steps_per_epoch = self.IMAGES_PER_EPOCH // (micro_batch_size * num_replicas)
+        self.num_samples = self.IMAGES_PER_EPOCH
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """The batch, once for each of steps ``start_step`` .. ``steps_per_epoch - 1``."""

@@ -164,8 +164,7 @@ def test_sigterm_to_the_pdsh_launcher_checkpoints_then_every_node_exits(cluster,
     stopped = int(m.group(1))
     newest = Checkpoints(run).newest()
     assert newest is not None and newest.name == Checkpoints.tag(stopped), said[-4000:]
-    assert sorted(p.name for p in newest.glob("mp_rank_*")) == ["mp_rank_00_model_states.pt",
-                                                                 "mp_rank_01_model_states.pt"]
+    assert sorted(p.name for p in newest.glob("*.pt")) == ["state.pt", "tower0.pt", "tower1.pt"]
     assert max(metric_steps(run)) == stopped
 
 

@@ -114,7 +114,7 @@ def test_kill_9_of_a_rank_fails_fast_naming_it_and_resume_loses_at_most_the_step
     shutil.copytree(newest, partial)
     (partial / "COMPLETE").unlink()
     (partial / "meta.json").unlink()
-    model = partial / "mp_rank_01_model_states.pt"
+    model = partial / "tower1.pt"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 3])
 
     _assert_resumes_like_the_reference(run, cache, reference, done)
@@ -163,7 +163,7 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_the_previous_complete_on
     shutil.copytree(reference / "checkpoints" / Checkpoints.tag(2), ckpts / Checkpoints.tag(2))
     lines = (reference / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:2]))
-    target = ckpts / Checkpoints.tag(4) / "mp_rank_01_model_states.pt"
+    target = ckpts / Checkpoints.tag(4) / "tower1.pt"
     target.parent.mkdir()
     os.mkfifo(target)
     reader = os.open(target, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer's open() succeed

@@ -75,10 +75,12 @@ def synthetic_metrics(steps: int = 300, val_every: int = 50) -> list[dict]:
 
 
 def write_checkpoint(run_dir: Path, model: AlexNet, complete: bool = True) -> Path:
-    """The layout alexnet_dist.checkpoint writes, by hand: one model-states file, meta, COMPLETE."""
+    """The layout alexnet_dist.checkpoint writes, by hand: a file per tower, meta, COMPLETE."""
     path = run_dir / "checkpoints" / f"step{STEP:08d}"
     path.mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, path / "mp_rank_00_model_states.pt")
+    for t in (0, 1):
+        weights = {k: v for k, v in model.state_dict().items() if k.startswith(f"towers.tower{t}.")}
+        torch.save({"weights": weights, "momentum": {}}, path / f"tower{t}.pt")
     meta = {"num_classes": NUM_CLASSES, "width_mult": WIDTH_MULT, "dropout": 0.5, "step": STEP}
     (path / "meta.json").write_text(json.dumps(meta))
     if complete:
@@ -159,6 +161,19 @@ def test_model_file_gives_filters_only_and_the_same_numbers(run_dir, model_file,
     assert "skipped curves.png" in out
     png_size(out_dir / "filters.png")
     assert not (out_dir / "curves.png").exists()
+
+
+def test_a_checkpoint_of_an_earlier_version_still_draws_the_same(run_dir, model, tmp_path, capsys):
+    """Before checkpoints were layout-free, DeepSpeed's one model-states file held the network."""
+    assert main([str(run_dir), "--out", str(tmp_path / "new")]) == 0
+    new = printed_saturations(capsys.readouterr().out)
+    old = write_checkpoint(tmp_path / "old", model)
+    for f in old.glob("tower*.pt"):
+        f.unlink()
+    torch.save({"module": model.state_dict()}, old / "mp_rank_00_model_states.pt")
+    write_metrics(tmp_path / "old", synthetic_metrics())
+    assert main([str(tmp_path / "old"), "--out", str(tmp_path / "drawn")]) == 0
+    assert printed_saturations(capsys.readouterr().out) == new
 
 
 def test_default_out_for_a_file_is_its_folder(model_file):

@@ -63,7 +63,7 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, i
 
     times = time_steps(step, steps, warmup, device, after_warmup=reset)
     cpu = time.process_time() - cpu_start
-    images = cfg.train.micro_batch_size * cfg.train.grad_accum * steps
+    images = cfg.train.micro_batch_size * trainer.parts.grad_accum * steps
     model_bytes = sum(v for k, v in EXCHANGE_COUNTER.bytes_sent.items() if k != "input")
     result = dict(
         summarise(times, trainer.global_batch),
