@@ -9,6 +9,7 @@ The loop's public surface is what ``train.py`` and ``bench train`` both use:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import time
@@ -155,10 +156,14 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Micro batches from the current data position on, across epochs."""
-        epoch, start = self.epoch, self.in_epoch * self.parts.grad_accum
+        """Micro batches from the current data position on, across epochs. An epoch is whole
+        optimizer steps: the feed's last micro batches that do not fill one are left out, as
+        its last images that do not fill a micro batch are (otherwise the next epoch would
+        start with them, and a run resumed there would not)."""
+        accum, per_epoch = self.parts.grad_accum, self.parts.steps_per_epoch
+        epoch, start = self.epoch, self.in_epoch * accum
         while True:
-            yield from self.parts.feed.epoch(epoch, start_step=start)
+            yield from itertools.islice(self.parts.feed.epoch(epoch, start_step=start), per_epoch * accum - start)
             epoch, start = epoch + 1, 0
 
     def train_step(self, batches: Iterator) -> tuple[torch.Tensor, float]:

@@ -102,3 +102,16 @@ def test_a_checkpoint_of_another_network_is_refused_on_every_layout_in_one_line(
     errors = error_lines(result.stdout + result.stderr)
     assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
     assert "holds another network: it was made with width_mult=0.125, this run has width_mult=0.25" in errors[0]
+
+
+@pytest.mark.slow
+def test_a_resume_at_an_epoch_boundary_continues_the_uninterrupted_losses(tmp_path, cache):
+    """300 images make 75 micro batches of 4 an epoch, 18 steps of 4 micro batches: the 3
+    left over must not start the next epoch, or a run resumed at step 18 (which starts the
+    next epoch afresh) would not follow an uninterrupted one."""
+    sets = [s for s in SETS if not s.startswith("train.max_steps")]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    check(train("python", 1, whole, *sets, "train.max_steps=20", cache=cache))
+    check(train("python", 1, resumed, *sets, "train.max_steps=18", cache=cache))
+    check(train("python", 1, resumed, *sets, "train.max_steps=20", cache=cache))
+    assert losses(resumed) == pytest.approx(losses(whole), rel=1e-6)
