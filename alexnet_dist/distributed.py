@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,7 +184,24 @@ def _owner(launched_by: list[tuple[psutil.Process, str]]) -> str:
 
 
 def _join_store(info: LaunchInfo, timeout: datetime.timedelta) -> dist.Store:
-    """The job's store at the master's address, checked to be this job's own.
+    """The job's store at the master's address, checked to be this job's own (:func:`_check_owner`),
+    or, under torchrun, the part of its agent's store that belongs to this start of the job
+    (:func:`_this_start`)."""
+    url = f"tcp://{info.master_addr}:{info.master_port}"
+    try:
+        store, _, _ = next(dist.rendezvous(url, rank=info.rank, world_size=info.world_size, timeout=timeout))
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise PortInUse(info, "it listens there already") from None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return _this_start(store, info, timeout)
+    _check_owner(store, info)
+    return store
+
+
+def _check_owner(store: dist.Store, info: LaunchInfo) -> None:
+    """Refuse this process when the store belongs to another job.
 
     Two jobs started on one port meet at the first one's store: the second's rank 0 cannot
     listen there, while its other ranks connect to the first job's store and, unchecked,
@@ -192,27 +210,58 @@ def _join_store(info: LaunchInfo, timeout: datetime.timedelta) -> dist.Store:
     launcher is in another job and leaves before writing anything. Each rank then claims
     its number; the first claim stands (what tells jobs apart across hosts).
     """
-    url = f"tcp://{info.master_addr}:{info.master_port}"
-    try:
-        store, _, _ = next(dist.rendezvous(url, rank=info.rank, world_size=info.world_size, timeout=timeout))
-    except dist.DistNetworkError as e:
-        if "EADDRINUSE" not in str(e):
-            raise
-        raise PortInUse(info, "it listens there already") from None
-    generation = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's restarts share its store
-    key = f"alexnet_dist/{generation}"
     mine = _owner(launcher_ancestors())
     if info.rank == 0:
-        store.set(f"{key}/owner", mine)
-    owner = store.get(f"{key}/owner").decode()
+        store.set("alexnet_dist/owner", mine)
+    owner = store.get("alexnet_dist/owner").decode()
     (host, launcher), (my_host, my_launcher) = owner.split(), mine.split()
     if host == my_host and "-" not in (launcher, my_launcher) and launcher != my_launcher:
         raise PortInUse(info, f"its rank 0 runs under launcher pid {launcher} on {host}")
     me = f"pid {os.getpid()} on {my_host}"
-    holder = store.compare_set(f"{key}/rank{info.rank}", "", me).decode()
+    holder = store.compare_set(f"alexnet_dist/rank{info.rank}", "", me).decode()
     if holder != me:
         raise PortInUse(info, f"its rank {info.rank} is {holder}")
-    return store
+
+
+_STALE_TOKEN_S = 2.0  # how long a rank waits for an answer before it reads the start's token again
+
+
+def _this_start(store: dist.Store, info: LaunchInfo, timeout: datetime.timedelta) -> dist.Store:
+    """The keys of this start of the job, as a prefix of torchrun's store.
+
+    torchrun's agent keeps one store for every restart of the job, and nothing its ranks
+    are told changes between restarts: the keys an earlier start left (gloo's addresses
+    among them) would be read as this one's, and the restarted ranks could not connect.
+    Rank 0 names this start with a token; each rank reads it and says hello with a nonce
+    of its own, which only a live rank 0 of this start answers. A token left by an
+    earlier start goes unanswered, and the rank reads the token again.
+    """
+    if info.rank == 0:
+        token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        store.set("alexnet_dist/start", token)
+        for rank in range(1, info.world_size):
+            hello = f"alexnet_dist/{token}/hello{rank}"
+            store.wait([hello], timeout)
+            store.set(f"alexnet_dist/{token}/welcome/{store.get(hello).decode()}", "")
+        return dist.PrefixStore(f"alexnet_dist/{token}/", store)
+    nonce, deadline = f"{socket.gethostname()}:{os.getpid()}", time.monotonic() + timeout.total_seconds()
+    while time.monotonic() < deadline:
+        token = store.get("alexnet_dist/start").decode()
+        store.set(f"alexnet_dist/{token}/hello{info.rank}", nonce)
+        if _appears(store, f"alexnet_dist/{token}/welcome/{nonce}", _STALE_TOKEN_S):
+            return dist.PrefixStore(f"alexnet_dist/{token}/", store)
+    raise dist.DistStoreError(f"rank 0 of this start of the job did not answer within {timeout.total_seconds():.0f} s")
+
+
+def _appears(store: dist.Store, key: str, seconds: float) -> bool:
+    """Whether ``key`` is in the store within ``seconds``. Polled: a TCPStore client whose
+    ``wait`` timed out reads the late answer as the reply to its next request."""
+    deadline = time.monotonic() + seconds
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def init_distributed(info: LaunchInfo, timeout_s: float = 300.0) -> tuple[torch.device, dist.Store]:

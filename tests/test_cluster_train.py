@@ -26,10 +26,10 @@ import pytest
 
 from alexnet_dist.checkpoint import Checkpoints
 from alexnet_dist.distributed import free_port
-from tests.cluster import emulated_cluster, local_slurm_cluster  # noqa: F401 (fixture)
+from tests.cluster import EMULATE, emulated_cluster, local_slurm_cluster  # noqa: F401 (fixture)
 from tests.reliability import (
     EXACT, FAULT_SETS, Job, close, dataset_cache, error_lines, losses, metric_steps, rank_processes,
-    reference_run, set_args, wait_for_ranks, wait_for_steps, wait_until_gone,
+    reference_run, set_args, wait_for_ranks, wait_for_steps, wait_until, wait_until_gone,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -204,3 +204,64 @@ def test_a_hostfile_naming_an_unreachable_second_host_stops_without_hanging(clus
     assert ranks and ranks <= {"error [rank 0/4", "error [rank 1/4"}, out[-4000:]
     assert all("reached the rendezvous at node1:" in line for line in errors), out[-4000:]
     assert all("only 2 of 4 ranks reached" in line for line in errors if line.startswith("error [rank 0/4")), out[-4000:]
+
+
+ELASTIC_STEPS = 150  # node1 alone must still be training when node2 comes back
+# 16 images per step whatever the nodes: 2 micro batches of 4 on two replicas, 4 on one.
+ELASTIC_SETS = [*EXACT, "train.global_batch_size=16", "train.micro_batch_size=4", "run.checkpoint_every=2",
+                "run.keep_last=50", "run.collective_timeout_s=30", f"train.max_steps={ELASTIC_STEPS}"]
+
+
+def _elastic_agent(cluster, node: str, port: int, run: Path, cache: Path, log: Path) -> Job:
+    """torchrun on ``node``: 2 ranks, elastic over 1 to 2 nodes, rendezvous on node1, as the
+    README says to run it (without the shared store a node that comes back can join)."""
+    return Job.start([EMULATE, "exec", cluster.workdir, node, "torchrun", "--nnodes=1:2", "--nproc-per-node=2",
+                      "--max-restarts=3", "--rdzv-backend=c10d", f"--rdzv-endpoint=node1:{port}", "--rdzv-id=lost",
+                      "train.py", *set_args(run, cache, *ELASTIC_SETS)], log,
+                     env={**_env(cluster), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+
+
+def _kill_tree(job: Job) -> None:
+    """SIGKILL a node's launcher and everything under it: the node is lost."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(job.pid)
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    job.proc.wait()
+
+
+@pytest.mark.timeout(900)
+def test_torchrun_elastic_finishes_on_node1_after_node2_is_lost_and_takes_node2_back(
+        cluster, cache, tmp_path_factory, tmp_path):
+    """Every process of node2 killed mid-run: node1's ranks fail on the broken connection,
+    torchrun restarts them with the replica that is left, they resume from the newest
+    checkpoint and go on (16 images per step throughout, so the losses are the
+    uninterrupted 4-rank run's). node2's agent started again joins: torchrun stops node1's
+    ranks (SIGTERM: they checkpoint) and restarts all four, which resume from there."""
+    reference = reference_run(tmp_path_factory, "deepspeed", 4, *ELASTIC_SETS)
+    run, port = tmp_path / "run", free_port()
+    node1 = _elastic_agent(cluster, "node1", port, run, cache, tmp_path / "node1.log")
+    node2 = _elastic_agent(cluster, "node2", port, run, cache, tmp_path / "node2.log")
+    try:
+        wait_for_steps(run, 4)
+        _kill_tree(node2)
+        lost_at = max(metric_steps(run))
+        wait_until(lambda: "resuming a checkpoint of 4 ranks on 2 ranks" in node1.output(), 300,
+                   "node1 to resume alone")
+        wait_for_steps(run, len(metric_steps(run)) + 1)  # node1 alone trains on
+        node2 = _elastic_agent(cluster, "node2", port, run, cache, tmp_path / "node2-again.log")
+        wait_until(lambda: "resuming a checkpoint of 2 ranks on 4 ranks" in node1.output(), 300,
+                   "node2 to rejoin")
+        assert node1.wait(500) == 0, node1.tail()
+        assert node2.wait(120) == 0, node2.tail()
+    finally:
+        node1.kill()
+        _kill_tree(node2)
+    assert "resuming a checkpoint of 2 ranks on 4 ranks: 2 replicas instead of 1" in node1.output()
+    assert metric_steps(run) == list(range(1, ELASTIC_STEPS + 1)), (lost_at, metric_steps(run))
+    # Past both resumes, until the learning network amplifies the layouts' different float
+    # sums (1e-3 apart by step 72 in one run):
+    close(losses(run)[:50], losses(reference)[:50], rel=1e-4)

@@ -34,9 +34,11 @@ import pytest
 import torch
 
 from alexnet_dist.checkpoint import Checkpoints, merged_model_state
+from alexnet_dist.distributed import free_port
+from tests.launch import BIN, REPO
 from tests.reliability import (
     FAULT_SETS, Job, check, close, dataset_cache, error_lines, losses, metric_steps,
-    reference_run, train, wait_for_ranks, wait_for_steps, wait_until, wait_until_gone,
+    reference_run, set_args, train, wait_for_ranks, wait_for_steps, wait_until, wait_until_gone,
 )
 
 STEPS = 12  # the reference run; faults come at step 3 or later
@@ -257,6 +259,49 @@ def test_a_hung_rank_makes_the_other_fail_after_the_collective_timeout_naming_it
     assert len(errors) == 1 and errors[0].startswith("error [rank 0/2]"), out[-4000:]
     assert re.search(rf"rank 1 \(pid {hung.pid} on \S+\) did not answer", errors[0]), errors[0]
     assert "Timed out" in errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_torchrun_restarts_a_job_whose_rank_was_killed_and_it_resumes_with_the_uninterrupted_losses(
+        reference, cache, tmp_path):
+    """torchrun keeps one store for every restart of the job: the restarted ranks must not
+    read what the first start left there (gloo's addresses of dead ranks), and must resume
+    from the newest complete checkpoint by themselves."""
+    run = tmp_path / "run"
+    cmd = [str(BIN / "torchrun"), "--nnodes=1:1", "--nproc-per-node=2", "--max-restarts=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(REPO / "train.py"),
+           *set_args(run, cache, *FAULT_SETS, f"train.max_steps={STEPS}")]
+    job = Job.start(cmd, tmp_path / "job.log")
+    try:
+        wait_for_steps(run)
+        _kill_rank(job, 1)
+        assert job.wait(300) == 0, job.tail()
+    finally:
+        job.kill()
+    resumed = int(re.search(r"resumed from step (\d+)", job.output())[1])
+    assert resumed >= EVERY and metric_steps(run) == list(range(1, STEPS + 1))
+    close(losses(run), losses(reference), rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_sigterm_under_torchrun_and_mpirun_checkpoints_then_exits(launcher, cache, tmp_path):
+    run = tmp_path / "run"
+    job = Job.train(launcher, 2, run, cache, *FAULT_SETS, LONG)
+    try:
+        wait_for_steps(run)
+        os.killpg(job.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        job.wait(DEADLINE)
+        wait_until_gone(job.group_alive, sent, DEADLINE)
+    finally:
+        job.kill()
+    out = job.output()
+    stopped = int(re.search(r"stop requested: checkpoint at step (\d+), then exit", out)[1])
+    assert Checkpoints(run).newest().name == Checkpoints.tag(stopped) and max(metric_steps(run)) == stopped
+    assert not error_lines(out), out[-4000:]
 
 
 # ---------------------------------------------------------------- alexnet_dist.faults on its own (fast)
