@@ -56,9 +56,10 @@ JOIN_CHUNKS_AT = "fc6"  # exchange_chunks split the batch up to this exchange (A
 
 def _lrn(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
     """The paper's LRN as a pure function of ``x`` (N x C x H x W)."""
-    # In float32 whatever the model's precision: squares of ReLU outputs overflow fp16,
-    # and bf16's 8-bit mantissa drops the small terms of a window sum.
-    xf = x.float()
+    # In float32 at least whatever the model's precision: squares of ReLU outputs overflow
+    # fp16, and bf16's 8-bit mantissa drops the small terms of a window sum. (float64 stays
+    # float64: it is the reference the GPU's kernels are checked against.)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     channels, half = x.shape[1], size // 2
     squares = F.pad(xf.square(), (0, 0, 0, 0, half, half))  # N x C+2h x H x W, zeros beyond the edges
     window = squares[:, :channels]
