@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["relu_lrn_pool", "traffic_bytes"]
+__all__ = ["relu_lrn_pool"]
 
 POOL, STRIDE = 3, 2  # MaxPool2d(3, 2): the paper's overlapping pool
 _POOL, _STRIDE = tl.constexpr(POOL), tl.constexpr(STRIDE)  # the same for the kernels, which read only constexpr globals
@@ -187,11 +187,3 @@ def relu_lrn_pool(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0
     ``alexnet_dist.model.LocalResponseNorm(size, alpha, beta, k)`` computes it."""
     return _ReLULRNPool.apply(x, size, alpha, beta, k)
 
-
-def traffic_bytes(x: Tensor) -> tuple[int, int]:
-    """Bytes the forward and the backward read and write, each tensor once, for input ``x``:
-    the floor these kernels are measured against (``bench model``'s per-layer table)."""
-    ho, wo = _pooled_size(x)
-    maps, pooled = x.numel() * x.element_size(), x.shape[0] * x.shape[1] * ho * wo
-    pooled_maps = pooled * x.element_size() + pooled  # values, and the one-byte winners
-    return maps + pooled_maps, 2 * maps + pooled_maps  # forward: x in; backward: x and grad in, grad of x out

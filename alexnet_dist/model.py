@@ -130,8 +130,13 @@ class ReLULRNPool:
         return (isinstance(relu, nn.ReLU) and isinstance(lrn, LocalResponseNorm) and isinstance(pool, nn.MaxPool2d)
                 and (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) == (3, 2, 0, 1, False))
 
+    @staticmethod
+    def kernels(x: Tensor):
+        """:mod:`alexnet_dist.fused` where it runs for ``x`` (a CUDA tensor, Triton importable), else None."""
+        return _fused_kernels() if x.is_cuda else None
+
     def __call__(self, x: Tensor) -> Tensor:
-        fused = _fused_kernels() if x.is_cuda else None
+        fused = self.kernels(x)
         if fused is None:
             return self.unfused(x)
         lrn = self.layers[1]
