@@ -114,8 +114,9 @@ def _fused_kernels():
 class ReLULRNPool:
     """A ReLU, an LRN and the 3x3 stride-2 max-pool after them as one step of a tower's
     forward. On CUDA tensors, where Triton imports, one fused kernel each way
-    (:mod:`alexnet_dist.fused`): the three layers' outputs are never stored. Elsewhere the
-    three layers themselves, the reference (:meth:`unfused`)."""
+    (:mod:`alexnet_dist.fused`): the three layers' outputs are never stored, nor are the
+    three modules called (their hooks do not fire). Elsewhere the three layers themselves,
+    the reference (:meth:`unfused`)."""
 
     def __init__(self, relu: nn.ReLU, lrn: LocalResponseNorm, pool: nn.MaxPool2d) -> None:
         self.layers = (relu, lrn, pool)
