@@ -67,14 +67,14 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
 @pytest.mark.parametrize("shape, dtype, channels_last", [
     ((2, 1, 13, 13), torch.float32, False),   # one channel: the LRN window hits both edges
     ((2, 2, 27, 29), torch.float32, True),
-    ((3, 3, 29, 27), torch.float32, False),
+    ((3, 3, 15, 13), torch.float32, False),
     ((2, 5, 14, 13), torch.float32, False),   # even height: the last row is in no window
     ((2, 7, 13, 13), torch.float32, True),
-    ((1, 70, 5, 5), torch.float32, True),     # channels over two programs' tiles
+    ((1, 96, 5, 5), torch.float32, True),     # channels over three programs' tiles, halos across them
     ((2, 5, 13, 15), torch.bfloat16, False),
-    ((2, 7, 15, 13), torch.bfloat16, True),
+    ((2, 6, 9, 11), torch.bfloat16, True),
     ((3, 3, 13, 13), torch.float16, False),
-    ((2, 7, 13, 13), torch.float16, True),
+    ((2, 6, 13, 11), torch.float16, True),
 ])
 def test_values_and_gradients_match_float64(shape, dtype, channels_last):
     check_against_float64(conv_like(shape, dtype, channels_last))
