@@ -20,38 +20,46 @@ Where we differ from the paper:
   and the single-process reference draws the same masks as replica 0 of a cluster.
 * An optional ``kaiming`` initialisation beside the paper's N(0, 0.01).
 * ``num_classes`` may be odd: tower 0 owns the larger half of fc8.
-* The LRN is computed in float32 whatever the precision, and compiled on GPUs.
+* The LRN is computed in float32 whatever the precision. On GPUs the ReLU, LRN and
+  max-pool after conv1 and conv2 run as one Triton kernel each way
+  (:mod:`alexnet_dist.fused`, through :class:`ReLULRNPool`); the layers stay separate
+  modules of ``features``, so the names of the weights are torchvision-style as before.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.profiler import record_function
 
 from alexnet_dist.exchanges import PendingExchange, gather_logits, start_gather_from_towers
 from alexnet_dist.topology import NUM_TOWERS
 
-__all__ = ["AlexNet", "CrossTower", "LocalResponseNorm", "Tower", "TowerDropout", "class_split", "memory_format_for",
-           "tower_widths"]
+__all__ = ["AlexNet", "CrossTower", "Layer", "LocalResponseNorm", "ReLULRNPool", "Tower", "TowerDropout", "class_split",
+           "memory_format_for", "tower_widths"]
 
 # Per-tower widths at width_mult=1 (the paper's figure 2).
 CONV_WIDTHS = (48, 128, 192, 192, 128)
 FC_WIDTH = 2048
 POOLED = 6  # spatial size before fc6
+LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 JOIN_CHUNKS_AT = "fc6"  # exchange_chunks split the batch up to this exchange (AlexNet's docstring says why)
 
 
 def _lrn(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
     """The paper's LRN as a pure function of ``x`` (N x C x H x W)."""
-    # In float32 whatever the model's precision: squares of ReLU outputs overflow fp16,
-    # and bf16's 8-bit mantissa drops the small terms of a window sum.
-    xf = x.float()
+    # In float32 at least whatever the model's precision: squares of ReLU outputs overflow
+    # fp16, and bf16's 8-bit mantissa drops the small terms of a window sum. (float64 stays
+    # float64: it is the reference the GPU's kernels are checked against.)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     channels, half = x.shape[1], size // 2
     squares = F.pad(xf.square(), (0, 0, 0, 0, half, half))  # N x C+2h x H x W, zeros beyond the edges
     window = squares[:, :channels]
@@ -77,7 +85,8 @@ class LocalResponseNorm(nn.Module):
 
     b_i = a_i / (k + alpha * sum_j a_j^2)^beta, j from max(0, i - size//2) to
     min(N-1, i + size//2). Unlike ``torch.nn.LocalResponseNorm``, alpha is not divided
-    by ``size``. Compiled on GPUs, eager elsewhere: the same function.
+    by ``size``. Compiled on GPUs, eager elsewhere: the same function. In a :class:`Tower`
+    on a GPU, the fused :class:`ReLULRNPool` step computes it instead.
     """
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> None:
@@ -90,6 +99,68 @@ class LocalResponseNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
+@functools.cache
+def _fused_kernels():
+    """:mod:`alexnet_dist.fused` where Triton imports (it compiles the kernels for GPUs), else None."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from alexnet_dist import fused
+
+    return fused
+
+
+class ReLULRNPool:
+    """A ReLU, an LRN and the 3x3 stride-2 max-pool after them as one step of a tower's
+    forward. On CUDA tensors, where Triton imports, one fused kernel each way
+    (:mod:`alexnet_dist.fused`): the three layers' outputs are never stored, nor are the
+    three modules called (their hooks do not fire). Elsewhere the three layers themselves,
+    the reference (:meth:`unfused`)."""
+
+    def __init__(self, relu: nn.ReLU, lrn: LocalResponseNorm, pool: nn.MaxPool2d) -> None:
+        self.layers = (relu, lrn, pool)
+
+    @staticmethod
+    def fits(layers: Sequence[nn.Module]) -> bool:
+        """Whether ``layers`` are a ReLU, an LRN and a 3x3 stride-2 max-pool without padding
+        (the kernel's case)."""
+        if len(layers) != 3:
+            return False
+        relu, lrn, pool = layers
+        return (isinstance(relu, nn.ReLU) and isinstance(lrn, LocalResponseNorm) and isinstance(pool, nn.MaxPool2d)
+                and (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) == (3, 2, 0, 1, False))
+
+    @staticmethod
+    def kernels(x: Tensor):
+        """:mod:`alexnet_dist.fused` where it runs for ``x`` (a CUDA tensor, Triton importable), else None."""
+        return _fused_kernels() if x.is_cuda else None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        fused = self.kernels(x)
+        if fused is None:
+            return self.unfused(x)
+        lrn = self.layers[1]
+        return fused.relu_lrn_pool(x, lrn.size, lrn.alpha, lrn.beta, lrn.k)
+
+    def unfused(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Layer(NamedTuple):
+    """One of the paper's layers as a tower runs it: a convolution or fully-connected layer
+    and what follows it up to the next (ReLU, LRN, pooling, dropout), each a step."""
+
+    name: str  # e.g. "tower0.conv1": its range in torch.profiler's and (under emit_nvtx) Nsight's traces
+    steps: list[Callable[[Tensor], Tensor]]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        with record_function(self.name):
+            for step in self.steps:
+                x = step(x)
+        return x
 
 
 class TowerDropout(nn.Module):
@@ -146,7 +217,7 @@ def class_split(num_classes: int) -> tuple[int, ...]:
     return (first, num_classes - first)
 
 
-def _apply(layers: list[nn.Module], x: Tensor) -> Tensor:
+def _apply(layers: list[Layer], x: Tensor) -> Tensor:
     for layer in layers:
         x = layer(x)
     return x
@@ -217,16 +288,22 @@ class Tower(nn.Module):
     def layers(self) -> list[nn.Module]:
         return [*self.features, *self.classifier]
 
-    def segments(self) -> list[tuple[list[nn.Module], str | None]]:
-        """The runs of layers between exchanges, each with the exchange that follows it."""
-        runs: list[tuple[list[nn.Module], str | None]] = []
-        current: list[nn.Module] = []
-        for layer in self.layers():
-            if isinstance(layer, CrossTower):
-                runs.append((current, layer.name))
+    def segments(self) -> list[tuple[list[Layer], str | None]]:
+        """The runs of the paper's layers between exchanges, each with the exchange that follows it."""
+        runs: list[tuple[list[Layer], str | None]] = []
+        current: list[Layer] = []
+        names = iter(LAYER_NAMES)
+        for module in self.layers():
+            if isinstance(module, CrossTower):
+                runs.append((current, module.name))
                 current = []
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
+                current.append(Layer(f"tower{self.index}.{next(names)}", [module]))
             else:
-                current.append(layer)
+                steps = current[-1].steps
+                steps.append(module)
+                if ReLULRNPool.fits(steps[-3:]):
+                    steps[-3:] = [ReLULRNPool(*steps[-3:])]
         return runs + [(current, None)]
 
     def init_weights(self, scheme: str = "paper", generator: torch.Generator | None = None) -> None:

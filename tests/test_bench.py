@@ -57,6 +57,19 @@ def test_bench_model_one_rank_holds_both_towers(tmp_path):
     assert result["variants"]["single_process"]["train_flops_per_image"] > 1e6
     assert result["matmul_peak_precision"] == "bf16" and 0 < result["peak_fraction"]
     assert result["numerics"]["logits_rel_error"] < 2e-2  # bf16 against float64
+    # the CPU runs the eager ReLU + LRN + max-pool: bf16 rounding of its output, against float64
+    assert 0 < result["numerics"]["conv1.relu_lrn_pool_rel_error"] < 1e-2
+    assert {"conv2.relu_lrn_pool_rel_error", "conv2.relu_lrn_pool_grad_rel_error"} <= set(result["numerics"])
+    rows = result["layers"]  # the per-layer table
+    assert [(r["layer"], r["step"]) for r in rows[:5]] == [
+        ("conv1", "Conv2d"), ("conv1", "ReLULRNPool"), ("conv2", "Conv2d"), ("conv2", "ReLULRNPool"), ("conv3", "Conv2d")]
+    assert rows[-1]["layer"] == "fc8" and all(r["kernel"] == "eager" for r in rows)  # no fused kernel on CPUs
+    assert all(r["forward_ms"] > 0 and r["backward_ms"] > 0 for r in rows)
+    # width 1/8, 64 px, batch 8, bf16: conv1's 6 x 15 x 15 maps in, 6 x 7 x 7 pooled values (2 B) and winners (1 B) out
+    conv1 = rows[1]
+    maps, pooled = 8 * 6 * 15 * 15 * 2, 8 * 6 * 7 * 7 * 3
+    assert (conv1["bytes_forward"], conv1["bytes_backward"]) == (maps + pooled, 2 * maps + pooled)
+    assert conv1["of_copy_bandwidth_forward"] == conv1["gbps_forward"] / result["copy_bandwidth_gbps"] > 0
 
 
 def test_bench_data_with_baseline(tmp_path):

@@ -102,7 +102,26 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(f"DeepSpeed's training step / plain loop: {result['model_only_vs_plain_loop']:.2f}x")
     if "numerics" in result:
         lines.append("relative error vs float64 on the CPU: " + ", ".join(f"{k} {v:.2g}" for k, v in result["numerics"].items()))
+    if "layers" in result:
+        lines += layer_lines(result)
     return "\n".join(lines)
+
+
+def layer_lines(result: dict[str, Any]) -> list[str]:
+    """The per-layer table: one tower's steps, each timed on its own."""
+    lines = [f"\nper step of one tower (the network runs two), forward and backward timed apart; the memory-bound "
+             f"steps against this device's copy bandwidth, {result['copy_bandwidth_gbps']:.4g} GB/s:",
+             "| layer | step | kernel | forward ms | backward ms | MB moved fwd / bwd | GB/s fwd / bwd "
+             "| of copy bandwidth fwd / bwd |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["layers"]:
+        moved = rates = share = ""
+        if "bytes_forward" in r:
+            moved = f"{r['bytes_forward'] / 1e6:.3g} / {r['bytes_backward'] / 1e6:.3g}"
+            rates = f"{r['gbps_forward']:.4g} / {r['gbps_backward']:.4g}"
+            share = f"{100 * r['of_copy_bandwidth_forward']:.1f} % / {100 * r['of_copy_bandwidth_backward']:.1f} %"
+        lines.append(f"| {r['layer']} | {r['step']} | {r['kernel']} | {r['forward_ms']:.3f} | {r['backward_ms']:.3f} "
+                     f"| {moved} | {rates} | {share} |")
+    return lines
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,7 +17,9 @@ With ``--ranks 1`` (one GPU) the project's figure is ``single_process``: both to
 the one device. Every variant reports the TFLOP/s its convolutions and matrix products
 do (counted by ``torch.utils.flop_counter`` on one image, forward and backward), and the
 project's share of this device's matrix-product rate in the run's precision, measured
-in the same run.
+in the same run. A per-layer table (:mod:`alexnet_dist.bench.layers`) times every step of a
+tower on its own, with the memory-bound ReLU + LRN + max-pool steps against the device's
+copy bandwidth.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alexnet_dist.bench.layers import copy_bandwidth_gbps, layer_table, norm_pool_errors
 from alexnet_dist.bench.timing import (bench_device, median_round, on_ranks, round_ratios, summarise, time_steps,
                                        write_rank_result)
 from alexnet_dist.config import Config, torch_dtype
@@ -290,12 +293,14 @@ def bench_model(cfg: Config, ranks: int, baseline: bool, steps: int, warmup: int
         v["tflops"] = v["train_flops_per_image"] * v["images_per_sec"] / 1e12
     ours = variants[project_variant(ranks)]
     peak, peak_precision = matmul_peak_tflops(cfg.train.precision)
+    bandwidth = copy_bandwidth_gbps(bench_device())
     result = dict(what="model", images_per_sec=ours["images_per_sec"], world_size=ranks,
                   exchange_bytes_per_image=ours["exchange_bytes_per_image"], variants=variants,
                   global_batch=cfg.train.micro_batch_size * max(1, ranks // 2), precision=cfg.train.precision,
                   tflops=ours["tflops"], matmul_peak_tflops=peak, matmul_peak_precision=peak_precision,
                   peak_fraction=ours["tflops"] / (peak * _devices_used(ranks)),
-                  numerics=numerics_check(cfg, num_classes))
+                  numerics=dict(numerics_check(cfg, num_classes), **norm_pool_errors(cfg, num_classes)),
+                  copy_bandwidth_gbps=bandwidth, layers=layer_table(cfg, num_classes, steps, warmup, bandwidth))
     if baseline:
         result["baseline_images_per_sec"] = variants["ddp_torchvision"]["images_per_sec"]
         result["ratios_per_round"] = round_ratios(per_variant[project_variant(ranks)], per_variant["ddp_torchvision"])
