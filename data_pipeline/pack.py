@@ -215,11 +215,11 @@ def _write_shards(images: ImageList, plan: _Plan, dst: str, todo: list[int], res
     keys = [k for s in todo for k in plan.members[s].tolist()]
     jobs = [[(images.files[k], resize, quality) for k in keys[i:i + _CHUNK]] for i in range(0, len(keys), _CHUNK)]
     workers = workers or os.cpu_count() or 1
-    with ProcessPoolExecutor(workers) as pool:
+    bar = tqdm(total=len(keys), desc="packing", unit="img", disable=None if progress else True)  # on terminals only
+    with ProcessPoolExecutor(workers) as pool, bar:
         loaded = _in_order(pool, jobs, window=4 * workers)
-        with tqdm(total=len(keys), desc="packing", unit="img", disable=None if progress else True) as bar:  # no bar off a terminal
-            for s in todo:
-                _write_shard(images, plan, dst, s, loaded, resize, bar)
+        for s in todo:
+            _write_shard(images, plan, dst, s, loaded, resize, bar)
 
 
 def _in_order(pool: Executor, jobs: list[list[tuple]], window: int) -> Iterator[tuple[bytes | None, str | None]]:

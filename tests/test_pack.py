@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import DataError, list_images, open_images
+from data_pipeline import DataError, list_images, load_eigen, open_images
 from data_pipeline.downsample import downsample_bytes
 from data_pipeline.pack import main as pack_main
+from data_pipeline.pca import main as pca_main
 from data_pipeline.packed import INDEX, WORK, member_key, shard_name
-from tests.data_fixtures import make_photo_folder, packed, write_broken_files
+from tests.data_fixtures import make_photo_folder, packed, train_feed, write_broken_files
 from tests.launch import EXACT, REPO, check, losses, records, train
 
 
@@ -174,6 +175,25 @@ def test_a_damaged_shard_is_one_line(photos, tmp_path):
         open_images(tmp_path / "p")  # at start
     with pytest.raises(DataError, match="shard-000001.tar ends before the sample at byte"):  # mid-epoch
         [pack.read(i) for i in range(len(pack))]
+
+
+def test_a_sample_that_does_not_decode_is_named_by_its_shard_and_key(photos, tmp_path):
+    """DALI meets a truncated JPEG (here: sample 5's size halved in the index) and names its sample."""
+    packed(photos, str(tmp_path / "p"), shards=2)
+    with np.load(tmp_path / "p" / INDEX) as z:
+        index = dict(z)
+    index["size"][5] //= 2
+    np.savez(tmp_path / "p" / INDEX, **index)
+    pack = open_images(tmp_path / "p")
+    with pytest.raises(DataError, match=rf"DALI could not decode \S*/shard-00000{pack.shard[5]}.tar \(key 00000005\): "):
+        [x for x, _ in train_feed(pack, micro_batch_size=36, augment=False).epoch(0)]
+
+
+def test_pca_reads_a_pack_as_its_folder(photos, tmp_path, capsys):
+    packed(photos, str(tmp_path / "p"), shards=2)
+    for source, out in ((photos, "folder.json"), (str(tmp_path / "p"), "packed.json")):
+        assert pca_main([source, "--out", str(tmp_path / out), "--images", "12", "--pixels", "50"]) == 0
+    assert np.array_equal(load_eigen(tmp_path / "folder.json")[0], load_eigen(tmp_path / "packed.json")[0])
 
 
 def test_validation_classes_are_matched_by_name(photos, tmp_path):

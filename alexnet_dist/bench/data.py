@@ -61,7 +61,7 @@ PHOTOS = 512
 
 
 def _photos(cfg: Config) -> str:
-    """``data.train_dir`` (a folder or a packed set), or real-photograph JPEGs at ImageNet size made once in the cache."""
+    """``data.train_dir`` (a folder or a pack), or real-photograph JPEGs at ImageNet size made once in the cache."""
     if cfg.data.train_dir:
         return cfg.data.train_dir
     folder = Path(cfg.data.cache_dir).expanduser() / "bench-photos"
