@@ -359,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: the pack is unfinished; run the same command again to finish it", file=sys.stderr)
+        return 130
     _say(report, args.dst)
     return 0
 
