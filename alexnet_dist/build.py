@@ -49,8 +49,9 @@ class Parts:
 
 
 def prepare_images(cfg: Config):
-    """List (and scan) the training and validation images; the demo set when none is named."""
-    from data_pipeline import ensure_demo_dataset, list_images, scan_and_filter
+    """List (and scan) the training and validation images, or read a packed set's index; the
+    demo set when none is named."""
+    from data_pipeline import ImageList, ensure_demo_dataset, open_images, scan_and_filter
     from data_pipeline.folder import name_some
 
     train_dir, val_dir = cfg.data.train_dir, cfg.data.val_dir
@@ -59,7 +60,9 @@ def prepare_images(cfg: Config):
         train_dir, val_dir = ensure_demo_dataset(cache)
 
     def listed(root, classes=None):
-        images = list_images(root, classes)
+        images = open_images(root, classes)
+        if not isinstance(images, ImageList):  # a packed set: its images were checked when it was packed
+            return images
         if images.ignored:
             say(images.ignored_summary())
         if cfg.data.scan:

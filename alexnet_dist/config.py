@@ -38,8 +38,8 @@ class ConfigError(ValueError):
 class DataConfig:
     """Input: folders, augmentation, DALI."""
 
-    train_dir: str | None = None  # ImageFolder root; unset: the built-in demo data set
-    val_dir: str | None = None  # ImageFolder root evaluated each epoch; unset with the demo set: its val split
+    train_dir: str | None = None  # ImageFolder root, or a pack (data_pipeline.pack); unset: the built-in demo data set
+    val_dir: str | None = None  # ImageFolder root or pack evaluated each epoch; unset with the demo set: its val split
     on_bad_file: Literal["error", "skip"] = "error"  # undecodable files: stop and name them, or leave them out
     augment: bool = True  # the paper's random crop, flip and PCA colour noise
     image_size: int = 224  # crop side

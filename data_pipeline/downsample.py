@@ -33,26 +33,33 @@ from data_pipeline.folder import list_images, name_some
 from data_pipeline.fsutil import write_atomically
 from data_pipeline.scan import check_image
 
-__all__ = ["downsample_folder", "downsample_image"]
+__all__ = ["downsample_bytes", "downsample_folder", "downsample_image"]
 
 _JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
-def downsample_image(src: str, dst: str, size: int, quality: int) -> str | None:
-    """Write ``src`` rescaled (shorter side ``size``) and centre-cropped to ``size`` x ``size``
-    at ``dst``; None, or why ``src`` could not be read (a few words)."""
+def downsample_bytes(src: str, size: int, quality: int) -> tuple[bytes | None, str | None]:
+    """``src`` rescaled (shorter side ``size``) and centre-cropped to ``size`` x ``size``, as a
+    JPEG: (its bytes, None), or (None, why ``src`` could not be read, in a few words)."""
     try:
         with Image.open(src) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at the smallest DCT scale still >= size
             upright = ImageOps.exif_transpose(im.convert("RGB"))  # as DALI's decoder shows it
         square = ImageOps.fit(upright, (size, size), Image.Resampling.BICUBIC)  # centre crop of the aspect, scaled
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # Pillow's broken-stream errors
-        return check_image(src) or f"cannot decode: {e}"  # the scan's words for what is wrong
+        return None, check_image(src) or f"cannot decode: {e}"  # the scan's words for what is wrong
     out = io.BytesIO()
     square.save(out, "JPEG", quality=quality)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    write_atomically(dst, out.getvalue())
-    return None
+    return out.getvalue(), None
+
+
+def downsample_image(src: str, dst: str, size: int, quality: int) -> str | None:
+    """Write :func:`downsample_bytes` of ``src`` at ``dst``; None, or why ``src`` could not be read."""
+    data, why = downsample_bytes(src, size, quality)
+    if data is not None:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        write_atomically(dst, data)
+    return why
 
 
 def _target(src_root: str, dst_root: str, path: str) -> str:

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from data_pipeline.errors import DataError
-from data_pipeline.folder import ImageList, name_some
+from data_pipeline.folder import name_some
 from data_pipeline.eigen import load_eigen
+from data_pipeline.packed import ImageSet
 from data_pipeline.sampler import Augmentation, draw_augmentation, epoch_permutation, pca_shift, replica_positions
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SyntheticFeed", "TrainFeed", "ValFeed", "dali_missing", "load_dali"]
@@ -63,7 +64,7 @@ def dali_missing() -> str | None:
 class _Feed:
     """What both feeds share: the pair, the device, the DALI pipeline's life and the normalisation."""
 
-    def __init__(self, images: ImageList, *, pair_rank: int, pair_size: int, gather: Gather | None,
+    def __init__(self, images: ImageSet, *, pair_rank: int, pair_size: int, gather: Gather | None,
                  device: torch.device, dtype: torch.dtype, image_size: int, resize: int, num_threads: int,
                  prefetch: int) -> None:
         if pair_size not in (1, 2) or not 0 <= pair_rank < pair_size:
@@ -106,18 +107,18 @@ class _Feed:
         return graph(batches, gpu=gpu, image_size=self.image_size, resize=self.resize, batch_size=max_batch,
                      device_id=device_id, **self._pipeline_args, **graph_args)
 
-    def _decode(self, pipe, files: list[str]) -> Tensor:
-        """``pipe``'s next batch (whose files are ``files``) as a uint8 tensor on the device."""
+    def _decode(self, pipe, names: list[str]) -> Tensor:
+        """``pipe``'s next batch (whose samples are ``names``) as a uint8 tensor on the device."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         try:
             (out,) = pipe.run()
         except RuntimeError as e:  # DALI names the sample's place in the batch, not its file
             found = re.search(r"sample #(\d+)", str(e))
-            culprit = files[int(found[1])] if found and int(found[1]) < len(files) else f"a batch of {name_some(files)}"
+            culprit = names[int(found[1])] if found and int(found[1]) < len(names) else f"a batch of {name_some(names)}"
             raise DataError(
-                f"DALI could not decode {culprit}: the file is broken, or changed since the scan before training "
-                "(data.scan); fix or remove it, or set data.on_bad_file=skip and start again"
+                f"DALI could not decode {culprit}: it is broken, or changed since it was checked (the scan before "
+                "training, data.scan, or packing); fix or remove it, or set data.on_bad_file=skip, and start again"
             ) from None
         dense = out.as_tensor()
         local = torch.empty(dense.shape(), dtype=torch.uint8, device=self.device)
@@ -136,14 +137,11 @@ class _Feed:
         return torch.from_numpy(self.images.labels[indices]).to(self.device)
 
     def _read(self, indices: np.ndarray) -> list[np.ndarray]:
-        """The encoded files, as DALI's external source takes them."""
-        out = []
-        for i in indices:
-            try:
-                out.append(np.fromfile(self.images.files[i], dtype=np.uint8))
-            except OSError as e:
-                raise DataError(f"cannot read {self.images.files[i]}: {e.strerror}") from None
-        return out
+        """The encoded samples, as DALI's external source takes them."""
+        return [self.images.read(i) for i in indices]
+
+    def _names(self, indices: np.ndarray) -> list[str]:
+        return [self.images.name(i) for i in indices]
 
 
 class TrainFeed(_Feed):
@@ -154,7 +152,7 @@ class TrainFeed(_Feed):
     ``micro_batch_size`` of it. The last partial global batch is dropped.
     """
 
-    def __init__(self, images: ImageList, *, micro_batch_size: int, seed: int, augment: bool, replica: int,
+    def __init__(self, images: ImageSet, *, micro_batch_size: int, seed: int, augment: bool, replica: int,
                  num_replicas: int, pair_rank: int, pair_size: int, gather: Gather | None = None,
                  device: torch.device, dtype: torch.dtype, image_size: int = 224, resize: int = 256,
                  eigen: Eigen | None = None, num_threads: int = 2, prefetch: int = 2, roi_decode: bool = True) -> None:
@@ -195,7 +193,7 @@ class TrainFeed(_Feed):
                           self.micro_batch_size // self.pair_size, roi_decode=self.roi_decode)
         for step in steps:
             positions = self._positions(step)
-            local = self._decode(pipe, [self.images.files[i] for i in order[self._mine(positions)]])
+            local = self._decode(pipe, self._names(order[self._mine(positions)]))
             batch = self.gather(local)
             shift = 255 * pca_shift(aug.alpha[positions], self.eigval, self.eigvec)
             yield self._normalise(batch, shift), self._labels(order[positions])
@@ -223,7 +221,7 @@ class ValFeed(_Feed):
     padded for the gather and the padding cut off before the batch is yielded.
     """
 
-    def __init__(self, images: ImageList, *, batch_size: int, replica: int, num_replicas: int, pair_rank: int,
+    def __init__(self, images: ImageSet, *, batch_size: int, replica: int, num_replicas: int, pair_rank: int,
                  pair_size: int, gather: Gather | None = None, device: torch.device, dtype: torch.dtype,
                  image_size: int = 224, resize: int = 256, views: int = 1, num_threads: int = 2,
                  prefetch: int = 2) -> None:
@@ -246,7 +244,7 @@ class ValFeed(_Feed):
         pipe = self._open(self._pipelines.val_pipeline, encoded, max_half, views=self.views)
         no_shift = np.zeros((1, 3))
         for chunk in chunks:
-            local = self._decode(pipe, [self.images.files[i] for i in self._mine(chunk)])
+            local = self._decode(pipe, self._names(self._mine(chunk)))
             local = local.view(-1, 3, self.image_size, self.image_size)
             # Full halves come first, so the real images are the first n (times views) rows.
             batch = self.gather(local)[: len(chunk) * self.views]

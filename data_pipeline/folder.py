@@ -19,7 +19,7 @@ import numpy as np
 
 from data_pipeline.errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageList", "list_images"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageList", "list_images", "match_classes"]
 
 # Formats both the scan's decoder (Pillow) and DALI's CPU and GPU decoders read.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".webp"})
@@ -44,6 +44,17 @@ class ImageList:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def read(self, i: int) -> np.ndarray:
+        """Sample ``i``'s encoded bytes, as DALI's external source takes them."""
+        try:
+            return np.fromfile(self.files[i], dtype=np.uint8)
+        except OSError as e:
+            raise DataError(f"cannot read {self.files[i]}: {e.strerror}") from None
+
+    def name(self, i: int) -> str:
+        """Where sample ``i`` lives, for messages."""
+        return self.files[i]
 
     def select(self, keep: np.ndarray) -> ImageList:
         """The files where the boolean mask ``keep`` is true; classes unchanged."""
@@ -81,10 +92,7 @@ def list_images(root: str | os.PathLike, classes: list[str] | None = None) -> Im
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not folders:
         raise DataError(f"no class folders in {root}: expected ImageFolder layout root/<class>/<image>.jpg")
-    if classes is not None and (unknown := sorted(set(folders) - set(classes))):
-        raise DataError(f"{root} has class folders the training set does not: {name_some(unknown)} "
-                        f"({len(unknown)} in all); validation classes are matched by name")
-    classes = list(classes) if classes is not None else folders
+    classes, missing = match_classes(root, folders, classes)
     files, labels, ignored, empty, seen = [], [], [], [], {}
     for name in folders:
         images, others = _walk(os.path.join(root, name), root, seen)
@@ -98,9 +106,27 @@ def list_images(root: str | os.PathLike, classes: list[str] | None = None) -> Im
     if empty:
         raise DataError(f"class folder {os.path.join(root, empty[0])} holds no images ({len(empty)} empty in all)")
     rel = os.path.relpath
-    missing = [c for c in classes if c not in folders]
     return ImageList(files, np.array(labels, dtype=np.int64), classes, [rel(f, root) for f in ignored], root,
                      missing)
+
+
+def match_classes(root: str, found: list[str], classes: list[str] | None,
+                  noun: str = "class folders") -> tuple[list[str], list[str]]:
+    """(the classes labels index, those of them ``root`` has no images of).
+
+    ``found``: the classes ``root`` holds; ``classes``: the training set's, for a
+    validation set (None for a training set: ``found`` itself). Matched by name, never
+    by position; a class the training set lacks is refused.
+
+    >>> match_classes("val", ["b", "c"], ["a", "b", "c"])
+    (['a', 'b', 'c'], ['a'])
+    """
+    if classes is None:
+        return list(found), []
+    if unknown := sorted(set(found) - set(classes)):
+        raise DataError(f"{root} has {noun} the training set does not: {name_some(unknown)} "
+                        f"({len(unknown)} in all); validation classes are matched by name")
+    return list(classes), [c for c in classes if c not in found]
 
 
 def _identity(path: str) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.folder import ImageList, name_some
 from data_pipeline.fsutil import locked, write_atomically
 
-__all__ = ["DALI_FORMATS", "check_image", "scan_and_filter"]
+__all__ = ["DALI_FORMATS", "check_image", "file_stamps", "scan_and_filter"]
 
 # Pillow's names of the formats DALI's decoders read (MPO: camera JPEGs with extra frames).
 DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"})
@@ -86,7 +86,7 @@ def scan_and_filter(
 def _scan(files: list[str], cache_path: str, workers: int | None, progress: bool) -> list[str | None]:
     """Reason per file (None = decodes), from the cache where (size, mtime) still match."""
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:  # stat and Pillow release the GIL
-        stamps = np.concatenate(list(pool.map(_stamps, _chunks(files, 4096)))) if files else np.zeros((0, 2), np.int64)
+        stamps = file_stamps(files, pool)
         cached_stamps, bad = _cached(cache_path, files)
         todo = np.flatnonzero((cached_stamps != stamps).any(axis=1))
         reasons: list[str | None] = [bad.get(f) for f in files]
@@ -100,12 +100,19 @@ def _scan(files: list[str], cache_path: str, workers: int | None, progress: bool
     return reasons
 
 
+def file_stamps(files: list[str], pool: ThreadPoolExecutor) -> np.ndarray:
+    """(size, mtime in ns) per file, stat'ed in chunks on ``pool``'s threads: what must match
+    for a cached result to stand; (-1, -1) where a file cannot be stat'ed."""
+    if not files:
+        return np.zeros((0, 2), np.int64)
+    return np.concatenate(list(pool.map(_stamps, _chunks(files, 4096))))
+
+
 def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _stamps(paths: list[str]) -> np.ndarray:
-    """(size, mtime in ns) per path: what must match for a cached result to stand; (-1, -1) if unreadable."""
     out = np.full((len(paths), 2), -1, np.int64)
     for i, path in enumerate(paths):
         with contextlib.suppress(OSError):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline import ImageList, TrainFeed, ValFeed
+from data_pipeline import ImageList, PackedImages, TrainFeed, ValFeed, open_images
+from data_pipeline.pack import pack
+from data_pipeline.packed import ImageSet
 from data_pipeline.photos import photo_crop
 
 SMALL = {"image_size": 56, "resize": 64, "num_threads": 1}  # a test's share of 2 cores
@@ -71,19 +75,45 @@ def write_odd_images(folder: str) -> list[str]:
     return paths
 
 
-def numbered(files: list[str]) -> ImageList:
-    """An ImageList whose label is the sample index: batches then say which samples they hold."""
-    return ImageList(list(files), np.arange(len(files)), [str(i) for i in range(len(files))], [], "")
+def numbered(images: ImageSet | list[str]) -> ImageSet:
+    """The images (a set, or files) with the sample index as label: batches then say which samples they hold."""
+    if isinstance(images, list):
+        images = ImageList(list(images), np.zeros(len(images)), [], [], "")
+    n = len(images)
+    return dataclasses.replace(images, labels=np.arange(n), classes=[str(i) for i in range(n)])
 
 
-def train_feed(images: ImageList, **overrides) -> TrainFeed:
+def record_opens(root: str) -> list[str]:
+    """A list that from now on gets every file under ``root`` this process opens, as opened.
+
+    Python's audit hook sees every ``open`` and ``os.open`` (numpy's ``fromfile`` too);
+    it cannot be removed: call this only in a process of the test's own (a spawned rank).
+    """
+    opened: list[str] = []
+    prefix = os.path.join(os.path.abspath(root), "")
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], str) and args[0].startswith(prefix):
+            opened.append(args[0])
+
+    sys.addaudithook(hook)
+    return opened
+
+
+def packed(root: str, dst: str, **options) -> PackedImages:
+    """``root`` packed into ``dst`` (one worker, no bar), read back."""
+    pack(root, dst, workers=1, progress=False, **options)
+    return open_images(dst)
+
+
+def train_feed(images: ImageSet, **overrides) -> TrainFeed:
     """A one-process feed (both towers local) with small test sizes."""
     args = dict(micro_batch_size=8, seed=0, augment=True, replica=0, num_replicas=1, pair_rank=0, pair_size=1,
                 device=torch.device("cpu"), dtype=torch.float32, **SMALL)
     return TrainFeed(images, **{**args, **overrides})
 
 
-def val_feed(images: ImageList, **overrides) -> ValFeed:
+def val_feed(images: ImageSet, **overrides) -> ValFeed:
     args = dict(batch_size=8, replica=0, num_replicas=1, pair_rank=0, pair_size=1, device=torch.device("cpu"),
                 dtype=torch.float32, **SMALL)
     return ValFeed(images, **{**args, **overrides})

@@ -79,6 +79,20 @@ def test_bench_data_with_baseline(tmp_path):
     assert result["variants"]["torchvision_decode_jpeg"]["images_per_sec"] > 0
 
 
+def test_bench_data_reads_a_packed_set_and_counts_its_files_per_epoch(tmp_path):
+    from data_pipeline import open_images
+    from tests.data_fixtures import make_photo_folder, packed
+
+    pack = packed(make_photo_folder(str(tmp_path / "photos"), {"a": 12, "b": 12}), str(tmp_path / "packed"), shards=2)
+    result = _bench("data", tmp_path, "--epoch", "--baseline", "--rounds", "1", "--set", f"data.train_dir={pack.root}")
+    assert result["variants"]["torchvision_dataloader"]["images_per_sec"] > 0  # the baselines read it too
+    epoch = result["epoch"]
+    assert epoch["images"] == 24 and epoch["files_opened"] == epoch["distinct_files_opened"] == 2  # the two shards
+    assert pack.size.sum() <= epoch["bytes_read"] < pack.size.sum() + 10_000
+    assert result["startup_images"] == 24 and 0 < result["handover_bytes_per_image"] < 1000
+    assert open_images(pack.root).root == pack.root
+
+
 @pytest.mark.slow
 def test_bench_train_end_to_end(tmp_path):
     result = _bench("train", tmp_path)

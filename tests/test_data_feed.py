@@ -11,7 +11,7 @@ from data_pipeline import DataError, list_images
 from data_pipeline.eigen import IMAGENET_EIGVAL, IMAGENET_EIGVEC
 from data_pipeline.feeds import IMAGENET_MEAN, IMAGENET_STD, load_dali
 from data_pipeline.sampler import PCA_ALPHA_STD, draw_augmentation, pca_shift
-from tests.data_fixtures import make_photo_folder, numbered, run_graph, solid_jpeg, train_feed, val_feed
+from tests.data_fixtures import make_photo_folder, numbered, packed, run_graph, solid_jpeg, train_feed, val_feed
 
 MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
@@ -21,6 +21,18 @@ STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
 def photos(tmp_path_factory):
     root = make_photo_folder(str(tmp_path_factory.mktemp("photos")), {"a": 13, "b": 12, "c": 11})
     return list_images(root)
+
+
+@pytest.fixture(scope="module")
+def packed_photos(photos, tmp_path_factory):
+    """The same photos, packed (3 shards)."""
+    return packed(photos.root, str(tmp_path_factory.mktemp("packed") / "photos"), shards=3)
+
+
+@pytest.fixture(params=["folder", "packed"])
+def image_set(request):
+    """The photos as a folder, then packed: tests of the feed hold for both."""
+    return request.getfixturevalue({"folder": "photos", "packed": "packed_photos"}[request.param])
 
 
 def batches(feed, epoch=0, start_step=0):
@@ -121,20 +133,33 @@ def test_pca_shift_is_added_to_every_pixel(photos):
     assert np.allclose(per_image.view(8, 3).numpy(), expected, atol=1e-3)
 
 
-def test_epochs_reshuffle_reproducibly_and_resume_exactly(photos):
-    feed = train_feed(photos)
+def test_epochs_reshuffle_reproducibly_and_resume_exactly(image_set):
+    feed = train_feed(image_set)
     first, again, other = batches(feed, 0), batches(feed, 0), batches(feed, 1)
     for (x, y), (x2, y2) in zip(first, again):
         assert torch.equal(x, x2) and torch.equal(y, y2)
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other))
-    resumed = batches(train_feed(photos), 0, start_step=2)
+    resumed = batches(train_feed(image_set), 0, start_step=2)
     assert len(resumed) == 2
     for (x, y), (x2, y2) in zip(first[2:], resumed):
         assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
-def test_a_batch_does_not_depend_on_the_layout(photos):
-    ids = numbered(photos.files)
+def test_a_packed_set_gives_the_folders_batches_bit_for_bit(photos, packed_photos):
+    """Without --resize the packed bytes are the files' bytes: every pixel of every batch,
+    augmented, in training and in the ten validation views, is the folder's."""
+    assert packed_photos.classes == photos.classes and np.array_equal(packed_photos.labels, photos.labels)
+    for epoch in (0, 1):
+        for (x, y), (xp, yp) in zip(batches(train_feed(photos), epoch), batches(train_feed(packed_photos), epoch),
+                                    strict=True):
+            assert torch.equal(x, xp) and torch.equal(y, yp)
+    for (x, y), (xp, yp) in zip(val_feed(photos, batch_size=5, views=10).batches(),
+                                val_feed(packed_photos, batch_size=5, views=10).batches(), strict=True):
+        assert torch.equal(x, xp) and torch.equal(y, yp)
+
+
+def test_a_batch_does_not_depend_on_the_layout(image_set):
+    ids = numbered(image_set)
     whole = batches(train_feed(ids, micro_batch_size=8))
     halves = [batches(train_feed(ids, micro_batch_size=4, replica=r, num_replicas=2)) for r in range(2)]
     for step, (x, y) in enumerate(whole):
@@ -176,8 +201,8 @@ def test_feed_errors_are_one_line():
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 36])
-def test_validation_counts_every_image_once(photos, batch_size):
-    ids = numbered(photos.files)
+def test_validation_counts_every_image_once(image_set, batch_size):
+    ids = numbered(image_set)
     feed = val_feed(ids, batch_size=batch_size)
     labels = torch.cat([y for _, y in feed.batches()])
     assert feed.num_images == 36 and sorted(labels.tolist()) == list(range(36))

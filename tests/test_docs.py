@@ -32,6 +32,8 @@ def test_readme_opens_with_the_two_setup_commands():
     (["-m", "alexnet_dist.viz", "--help"], ["--out OUT", "filters.png"]),
     (["-m", "data_pipeline.pca", "--help"], ["--images IMAGES", "(default: 2000)"]),
     (["-m", "data_pipeline.downsample", "--help"], ["--size SIZE", "(default: 256)"]),
+    (["-m", "data_pipeline.pack", "--help"], ["SRC", "DST", "--shards N", "(default: one per 512 MiB", "--resize SIDE",
+                                              "--workers K", "--on-bad-file {error,skip}", "(default: error)"]),
 ])
 def test_every_help_names_its_arguments_and_defaults(command, names):
     done = subprocess.run([sys.executable, *command], cwd=README.parent, capture_output=True, text=True, timeout=120)

@@ -49,6 +49,10 @@ def _add_options(p: argparse.ArgumentParser, mode: str) -> None:
     if mode != "data":
         p.add_argument("--ranks", type=int, default=2,
                        help="ranks to start on this machine; 1 puts both towers on one device (default: 2)")
+    else:
+        p.add_argument("--epoch", action="store_true",
+                       help="also time rank 0's start-up over the data set (listing and scan, or a packed set's "
+                            "index) and read one whole epoch, counting the files opened and bytes read (default: off)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--rounds", type=int, help="run the variants this many times in turn and report each one's median "
@@ -100,6 +104,13 @@ def markdown_table(result: dict[str, Any]) -> str:
                      f"the CPU: {100 * result['input_cpu_share']:.0f} %")
     if "model_only_vs_plain_loop" in result:
         lines.append(f"DeepSpeed's training step / plain loop: {result['model_only_vs_plain_loop']:.2f}x")
+    if "startup_s" in result:
+        lines.append(f"\nstart-up of rank 0 over {result['startup_images']} images: {result['startup_s']:.3f} s warm "
+                     f"({result['startup_first_s']:.3f} s the first time); handed to the other ranks: "
+                     f"{result['handover_bytes_per_image']:.0f} B/image")
+        e = result["epoch"]
+        lines.append(f"one epoch, {e['images']} images in {e['seconds']:.1f} s: {e['files_opened']} opens of "
+                     f"{e['distinct_files_opened']} files of the data set, {e['bytes_read'] / 1e6:.1f} MB read")
     if "numerics" in result:
         lines.append("relative error vs float64 on the CPU: " + ", ".join(f"{k} {v:.2g}" for k, v in result["numerics"].items()))
     if "layers" in result:
@@ -136,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.what == "data":
         from alexnet_dist.bench.data import bench_data
 
-        result = bench_data(cfg, args.baseline, args.steps, args.warmup, rounds)
+        result = bench_data(cfg, args.baseline, args.steps, args.warmup, rounds, args.epoch)
     else:
         from alexnet_dist.bench.train import bench_train
 

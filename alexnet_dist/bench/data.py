@@ -9,15 +9,28 @@ with ``--baseline`` what a user would write without it, on the same photographs:
   (nvJPEG on a GPU, libjpeg on a CPU) and the same augmentations on its tensors.
 
 All three yield normalised float32 NCHW batches and are alternated over rounds, so other
-load on the machine hits all alike. Where DALI does not import (a GPU machine without
-its wheel), ``--baseline`` still measures the other two and says so (``images_per_sec``
-0, ``dali_missing`` the reason); without ``--baseline`` that is an error.
+load on the machine hits all alike; all read the samples through the data set's own
+``read`` (a file per image from a folder, an offset in a shard from a packed set). Where
+DALI does not import (a GPU machine without its wheel), ``--baseline`` still measures
+the other two and says so (``images_per_sec`` 0, ``dali_missing`` the reason); without
+``--baseline`` that is an error.
+
+With ``--epoch``, what a data set costs the file system: the start-up of rank 0 as the
+trainer does it (a folder listed and scanned, a packed set's index read), twice, the
+second with warm caches, with the bytes of the set it hands the other ranks; and one
+whole epoch of the DALI feed in a fresh process (both towers), counting the data set's
+files it opens and the bytes it reads.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import io
 import itertools
 import os
+import pickle
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -29,22 +42,26 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.io import ImageReadMode
 
-from alexnet_dist.bench.timing import bench_device, median_round, round_ratios, summarise, time_steps
+from alexnet_dist.bench.timing import (bench_device, median_round, on_ranks, round_ratios, summarise, time_steps,
+                                       write_rank_result)
+from alexnet_dist.build import prepare_images
 from alexnet_dist.config import Config
 from alexnet_dist.metrics import say
-from data_pipeline import DataError, ImageList, TrainFeed, list_images
+from data_pipeline import DataError, TrainFeed, open_images
 from data_pipeline.eigen import IMAGENET_EIGVAL, IMAGENET_EIGVEC
 from data_pipeline.feeds import IMAGENET_MEAN, IMAGENET_STD, dali_missing
+from data_pipeline.packed import ImageSet
 from data_pipeline.photos import make_benchmark_photos
 from data_pipeline.sampler import PCA_ALPHA_STD
 
-__all__ = ["bench_data", "measure_pipeline", "measure_torchvision_baseline", "measure_torchvision_decode_jpeg"]
+__all__ = ["bench_data", "measure_epoch_traffic", "measure_pipeline", "measure_startup", "measure_torchvision_baseline",
+           "measure_torchvision_decode_jpeg"]
 
 PHOTOS = 512
 
 
 def _photos(cfg: Config) -> str:
-    """``data.train_dir``, or real-photograph JPEGs at ImageNet size made once in the cache."""
+    """``data.train_dir`` (a folder or a pack), or real-photograph JPEGs at ImageNet size made once in the cache."""
     if cfg.data.train_dir:
         return cfg.data.train_dir
     folder = Path(cfg.data.cache_dir).expanduser() / "bench-photos"
@@ -55,11 +72,13 @@ def _photos(cfg: Config) -> str:
     return str(folder)
 
 
-def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int, rounds: int) -> dict[str, Any]:
+def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int, rounds: int,
+               epoch: bool = False) -> dict[str, Any]:
     missing = dali_missing()
     if missing and not baseline:
         raise DataError(missing)
-    images = list_images(_photos(cfg))
+    root = _photos(cfg)
+    images = open_images(root)
     device = bench_device()
     common = dict(batch_size=cfg.train.micro_batch_size, steps=steps, warmup=warmup,
                   image_size=cfg.data.image_size, resize=cfg.data.resize)
@@ -84,13 +103,65 @@ def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int, rounds: int
         result["baseline_images_per_sec"] = variants["torchvision_dataloader"]["images_per_sec"]
     if baseline and not missing:
         result["ratios_per_round"] = round_ratios(runs["dali"], runs["torchvision_dataloader"])
+    if epoch:
+        result.update(measure_startup(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_dir=root,
+                                                                                        val_dir=None))))
+        result["epoch"] = measure_epoch_traffic(
+            images, batch_size=cfg.train.micro_batch_size, augment=cfg.data.augment, num_threads=cfg.data.num_threads,
+            prefetch=cfg.data.prefetch, image_size=cfg.data.image_size, resize=cfg.data.resize)
     return result
+
+
+def measure_startup(cfg: Config) -> dict:
+    """Rank 0's start-up over ``data.train_dir`` as the trainer does it (:func:`prepare_images`),
+    twice (the second with warm caches), and the bytes of the set it hands the other ranks."""
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        images, _ = prepare_images(cfg)
+        seconds.append(time.perf_counter() - start)
+    return dict(startup_first_s=seconds[0], startup_s=seconds[1], startup_images=len(images),
+                handover_bytes_per_image=len(pickle.dumps(images)) / len(images))
+
+
+def measure_epoch_traffic(images: ImageSet, *, batch_size: int, augment: bool = True, num_threads: int = 2,
+                          prefetch: int = 2, image_size: int = 224, resize: int = 256) -> dict:
+    """One whole epoch of :class:`TrainFeed` (one process, both towers) in a fresh process:
+    the data set's files it opens (every open, and distinct files), the bytes it reads
+    (``rchar`` of ``/proc/self/io``: every read and pread), images and seconds."""
+    settings = dict(micro_batch_size=batch_size, seed=0, augment=augment, replica=0, num_replicas=1, pair_rank=0,
+                    pair_size=1, device=torch.device("cpu"), dtype=torch.float32, image_size=image_size,
+                    resize=resize, num_threads=num_threads, prefetch=prefetch)
+    result, _ = on_ranks(1, _epoch_traffic, images, settings)
+    return {k: result[k] for k in ("files_opened", "distinct_files_opened", "bytes_read", "images", "seconds")}
+
+
+def _epoch_traffic(rank: int, world_size: int, images: ImageSet, settings: dict, out: Path) -> None:
+    """:func:`measure_epoch_traffic`'s worker: a process of its own, since an audit hook stays for good."""
+    with TrainFeed(copy.deepcopy(images), **settings) as warm:  # a copy, with its own shard files: DALI's first
+        next(iter(warm.epoch(0)))                               # pipeline reads its modules' sources, not counted
+    feed = TrainFeed(images, **settings)
+    opened: list[str] = []
+    under = os.path.join(images.root, "")
+    sys.addaudithook(lambda event, args: opened.append(args[0]) if event == "open" and isinstance(args[0], str)
+                     and args[0].startswith(under) else None)  # every open() and os.open(), numpy's too
+    start, read_before = time.perf_counter(), _bytes_read()
+    batches = sum(1 for _ in feed.epoch(0))
+    write_rank_result(rank, out, dict(files_opened=len(opened), distinct_files_opened=len(set(opened)),
+                                      bytes_read=_bytes_read() - read_before, images=batches * feed.micro_batch_size,
+                                      seconds=time.perf_counter() - start))
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read and pread calls (Linux's ``rchar``)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
 # ---------------------------------------------------------------- the variants
 
 
-def measure_pipeline(images: ImageList, *, batch_size: int, steps: int, warmup: int, augment: bool = True,
+def measure_pipeline(images: ImageSet, *, batch_size: int, steps: int, warmup: int, augment: bool = True,
                      num_threads: int = 2, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                      prefetch: int = 2, roi_decode: bool = True, image_size: int = 224, resize: int = 256) -> dict:
     """Images/s of :class:`TrainFeed` (one process, both towers) over ``images``."""
@@ -104,9 +175,9 @@ def measure_pipeline(images: ImageList, *, batch_size: int, steps: int, warmup: 
     return {"what": "dali", "num_threads": num_threads, "prefetch": prefetch, "roi_decode": roi_decode, **result}
 
 
-def measure_torchvision_baseline(images: ImageList, *, batch_size: int, steps: int, warmup: int,
+def measure_torchvision_baseline(images: ImageSet, *, batch_size: int, steps: int, warmup: int,
                                  workers: int | None = None, image_size: int = 224, resize: int = 256) -> dict:
-    """Images/s of torchvision's ImageFolder recipe + DataLoader over the same files."""
+    """Images/s of torchvision's ImageFolder recipe + DataLoader over the same images."""
     workers = workers if workers is not None else os.cpu_count()
     dataset = _FileDataset(images, transforms.Compose([
         transforms.Resize(resize),
@@ -124,7 +195,7 @@ def measure_torchvision_baseline(images: ImageList, *, batch_size: int, steps: i
     return {"what": "torchvision", "workers": workers, **result}
 
 
-def measure_torchvision_decode_jpeg(images: ImageList, *, batch_size: int, steps: int, warmup: int,
+def measure_torchvision_decode_jpeg(images: ImageSet, *, batch_size: int, steps: int, warmup: int,
                                     device: str | torch.device = "cpu", image_size: int = 224,
                                     resize: int = 256) -> dict:
     """Images/s of ``torchvision.io.decode_jpeg`` on ``device`` (the batched nvJPEG call on
@@ -135,11 +206,11 @@ def measure_torchvision_decode_jpeg(images: ImageList, *, batch_size: int, steps
     return {"what": "torchvision_decode_jpeg", "device": str(device), **result}
 
 
-def _decode_jpeg_batches(images: ImageList, batch_size: int, device: torch.device, image_size: int,
+def _decode_jpeg_batches(images: ImageSet, batch_size: int, device: torch.device, image_size: int,
                          resize: int) -> Iterator[torch.Tensor]:
     """Endless normalised float32 batches: read the files, decode on ``device``, resize the
     short side, random crop, flip, PCA noise, normalise; shuffled each pass."""
-    from torchvision.io import decode_jpeg, read_file
+    from torchvision.io import decode_jpeg
     from torchvision.transforms.v2 import functional as TF
 
     g = torch.Generator().manual_seed(0)
@@ -147,9 +218,9 @@ def _decode_jpeg_batches(images: ImageList, batch_size: int, device: torch.devic
     mean = torch.from_numpy(IMAGENET_MEAN).float().view(1, 3, 1, 1).to(device)
     std = torch.from_numpy(IMAGENET_STD).float().view(1, 3, 1, 1).to(device)
     while True:
-        order = torch.randperm(len(images.files), generator=g).tolist()
+        order = torch.randperm(len(images), generator=g).tolist()
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            data = [read_file(images.files[i]) for i in order[start:start + batch_size]]
+            data = [torch.from_numpy(images.read(i)) for i in order[start:start + batch_size]]
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)  # n x (3 x H x W) uint8
             crops = []
             for img in decoded:
@@ -163,17 +234,17 @@ def _decode_jpeg_batches(images: ImageList, batch_size: int, device: torch.devic
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    """ImageFolder's loading over an :class:`ImageList`: Pillow, RGB, then ``transform``."""
+    """ImageFolder's loading over an image set: the sample's bytes, Pillow, RGB, then ``transform``."""
 
-    def __init__(self, images: ImageList, transform: Callable) -> None:
-        self.files, self.labels, self.transform = images.files, images.labels, transform
+    def __init__(self, images: ImageSet, transform: Callable) -> None:
+        self.images, self.transform = images, transform
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.files[i]) as im:
-            return self.transform(im.convert("RGB")), int(self.labels[i])
+        with Image.open(io.BytesIO(self.images.read(i))) as im:
+            return self.transform(im.convert("RGB")), int(self.images.labels[i])
 
 
 def _pca_noise(x: torch.Tensor) -> torch.Tensor:
