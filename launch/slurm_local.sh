@@ -129,7 +129,8 @@ MailProg=/bin/true
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$mdir/munge.socket
+# cred_expire: a requeued job waits this long before it may start again (default 120 s).
+AuthInfo=socket=$mdir/munge.socket,cred_expire=10
 StateSaveLocation=$wd/state
 SlurmdSpoolDir=$wd/spool
 SlurmctldPidFile=$wd/slurmctld.pid

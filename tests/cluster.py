@@ -161,23 +161,29 @@ class SlurmCluster:
     node: str
     jobs: list[str] = field(default_factory=list)
 
-    def sbatch(self, args: Sequence[str | Path], *, env: dict[str, str] | None = None,
-               timeout: float = 240, log: Path | None = None) -> tuple[int, str]:
-        """Submit ``sbatch <args>`` and poll (every second; ``sbatch --wait`` backs off to
-        30 s between looks) until the job ends, at most ``timeout`` seconds: past that
-        it is cancelled. Returns the job's exit status (-9 on timeout) and its output."""
+    def submit(self, args: Sequence[str | Path], *, env: dict[str, str] | None = None, time_limit_min: int = 5,
+               log: Path | None = None) -> tuple[str, Path]:
+        """``sbatch <args>`` without waiting: (job id, its output file); AssertionError if refused."""
         log = log or self.workdir / f"job-{len(self.jobs)}.out"
-        limit_min = max(1, int(timeout // 60) + 1)  # SLURM kills it too, should we not
-        res = run_bounded(["sbatch", "--parsable", f"--time={limit_min}", "-o", log, *args],
+        res = run_bounded(["sbatch", "--parsable", f"--time={time_limit_min}", "-o", log, *args],
                           env={**self.env, **(env or {})}, timeout=30)
-        if res.returncode != 0:
-            return res.returncode, f"sbatch failed:\n{res.stdout}"
+        assert res.returncode == 0, f"sbatch failed:\n{res.stdout}"
         job_id = res.stdout.strip().splitlines()[-1].split(";")[0]
         self.jobs.append(job_id)
+        return job_id, log
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job``'s fields (JobState, ExitCode, Restarts, ...)."""
+        out = run_bounded(["scontrol", "-o", "show", "job", job_id], env=self.env, timeout=10).stdout
+        return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+    def wait(self, job_id: str, log: Path, timeout: float = 240) -> tuple[int, str]:
+        """Poll (every second; ``sbatch --wait`` backs off to 30 s between looks) until the job
+        ends, at most ``timeout`` seconds: past that it is cancelled. Returns the job's exit
+        status (-9 on timeout) and its output."""
         state, code, deadline = "", "", time.monotonic() + timeout
         while time.monotonic() < deadline:
-            fields = dict(f.split("=", 1) for f in run_bounded(
-                ["scontrol", "-o", "show", "job", job_id], env=self.env, timeout=10).stdout.split() if "=" in f)
+            fields = self.job(job_id)
             state, code = fields.get("JobState", ""), fields.get("ExitCode", "")
             if state in _SLURM_DONE:
                 break
@@ -187,6 +193,13 @@ class SlurmCluster:
         rc = -9 if state not in _SLURM_DONE else (0 if state == "COMPLETED" else int(code.split(":")[0] or 0) or 1)
         text = log.read_text(errors="replace") if log.exists() else ""
         return rc, f"job {job_id}: {state or 'unknown'} exit {code}\n--- job log {log}:\n{text}"
+
+    def sbatch(self, args: Sequence[str | Path], *, env: dict[str, str] | None = None,
+               timeout: float = 240, log: Path | None = None) -> tuple[int, str]:
+        """Submit ``sbatch <args>`` and wait until the job ends (:meth:`wait`)."""
+        limit_min = max(1, int(timeout // 60) + 1)  # SLURM kills it too, should we not
+        job_id, log = self.submit(args, env=env, time_limit_min=limit_min, log=log)
+        return self.wait(job_id, log, timeout)
 
     def logs(self, lines: int = 30) -> str:
         """Tails of the daemons' logs, for failure messages."""

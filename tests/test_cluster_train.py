@@ -26,7 +26,7 @@ import pytest
 
 from alexnet_dist.checkpoint import Checkpoints
 from alexnet_dist.distributed import free_port
-from tests.cluster import EMULATE, emulated_cluster, local_slurm_cluster  # noqa: F401 (fixture)
+from tests.cluster import EMULATE, emulated_cluster, local_slurm_cluster, run_bounded  # noqa: F401 (fixture)
 from tests.reliability import (
     EXACT, FAULT_SETS, Job, close, dataset_cache, error_lines, losses, metric_steps, rank_processes,
     reference_run, set_args, wait_for_ranks, wait_for_steps, wait_until, wait_until_gone,
@@ -265,3 +265,31 @@ def test_torchrun_elastic_finishes_on_node1_after_node2_is_lost_and_takes_node2_
     # Past both resumes, until the learning network amplifies the layouts' different float
     # sums (1e-3 apart by step 72 in one run):
     close(losses(run)[:50], losses(reference)[:50], rel=1e-4)
+
+
+REQUEUE_STEPS = 200  # enough that each allocation is still training when the test warns it
+
+
+@pytest.mark.timeout(900)
+def test_sbatch_warned_of_its_time_limit_checkpoints_requeues_and_finishes_in_three_allocations(
+        local_slurm_cluster, tmp_path_factory, cache, tmp_path):  # noqa: F811
+    """What ``#SBATCH --signal=B:USR1@300`` does before the time limit, sent at chosen steps
+    (``scancel --batch --signal=USR1``) so the test is exact: the ranks checkpoint and
+    stop, the script requeues the job, the next allocation resumes; the third finishes
+    and is not requeued. The losses are the uninterrupted run's."""
+    sets = [*FAULT_SETS, f"train.max_steps={REQUEUE_STEPS}"]
+    reference = reference_run(tmp_path_factory, "deepspeed", 2, *sets)
+    run, slurm = tmp_path / "run", local_slurm_cluster
+    job_id, log = slurm.submit(["launch/slurm.sbatch", *set_args(run, cache, *sets)], env={"OMP_NUM_THREADS": "1"},
+                               time_limit_min=30)  # SLURM's own signal (5 min before the limit) never comes
+    for allocation in (1, 2):
+        wait_for_steps(run, len(metric_steps(run)) + 3)  # this allocation trains
+        run_bounded(["scancel", "--batch", "--signal=USR1", job_id], env=slurm.env, timeout=30)
+        wait_until(lambda: log.read_text().count("requeued (exit status 0") == allocation, 120,
+                   f"allocation {allocation} to checkpoint and requeue")
+    rc, text = slurm.wait(job_id, log, timeout=600)
+    assert rc == 0, text[-6000:] + "\n" + slurm.logs()
+    assert [f"allocation {n}:" in text for n in (1, 2, 3, 4)] == [True, True, True, False], text[-4000:]
+    assert text.count("resumed from step") == 2 and text.count("requeued (exit") == 2, text[-4000:]
+    assert metric_steps(run) == list(range(1, REQUEUE_STEPS + 1))
+    close(losses(run), losses(reference), rel=1e-6)
