@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -84,21 +85,25 @@ class RunDirLock:
         self._file = f
 
 
-def _stop_on_signals(trainer: Trainer) -> None:
-    """SIGTERM (a scheduler's preemption) and Ctrl-C make every rank checkpoint and exit at
-    the next report; a second Ctrl-C stops at once."""
+def _stop_on_signals() -> threading.Event:
+    """The event SIGTERM (a scheduler's preemption, a time limit near) and Ctrl-C set: every
+    rank checkpoints and exits at the next report. Set from the start, so a signal during
+    start-up still lets the ranks train a few steps and save them (a requeued SLURM job then
+    makes progress in every allocation). A second Ctrl-C stops at once."""
+    requested = threading.Event()
+
     def stop(signum, frame) -> None:
-        if signum == signal.SIGINT and trainer.stop_requested:
+        if signum == signal.SIGINT and requested.is_set():
             raise KeyboardInterrupt
-        trainer.stop_requested = True
+        requested.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
+    return requested
 
 
-def _run(cfg: Config, device: torch.device) -> None:
-    trainer = Trainer(build(cfg, device))
-    _stop_on_signals(trainer)
+def _run(cfg: Config, device: torch.device, stop: threading.Event) -> None:
+    trainer = Trainer(build(cfg, device), stop)
     trainer.resume()
     shared_from_rank0(lambda: _write_resolved_config(cfg), USER_ERRORS)  # only once the resume was accepted
     if cfg.run.evaluate_only:
@@ -136,6 +141,7 @@ def _write_resolved_config(cfg: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop = _stop_on_signals()
     quiet_libraries()
     info = discover()
     where = f"[rank {info.rank}/{info.world_size}]"
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         context = faults.register_rank(cfg.run.dir, store)
         lock = RunDirLock(cfg.run.dir)
         shared_from_rank0(lock.acquire, USER_ERRORS)
-        _run(cfg, device)
+        _run(cfg, device, stop)
     except ReportedOnRank0:
         return 2
     except TrainingDiverged as e:  # every rank knows it (the losses are all-reduced): say it once

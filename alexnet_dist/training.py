@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import math
 import random
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,9 +37,10 @@ class TrainingDiverged(RuntimeError):
 
 class Trainer:
     """One rank's run: the step counter, the data position (epoch, steps into it), the best
-    validation top-1 and a stop flag (set from a signal handler) over the parts it trains with."""
+    validation top-1 and ``stop`` (set by a signal handler: checkpoint at the next report and
+    return) over the parts it trains with."""
 
-    def __init__(self, parts: Parts) -> None:
+    def __init__(self, parts: Parts, stop: threading.Event | None = None) -> None:
         self.parts = p = parts
         self.cfg, self.device, self.groups, self.engine = p.cfg, p.device, p.groups, p.engine
         self.num_classes, self.global_batch, self.total_steps = p.num_classes, p.global_batch, p.total_steps
@@ -46,7 +48,7 @@ class Trainer:
         self.step = 0
         self.epoch, self.in_epoch = 0, 0  # 0-based epoch, optimizer steps done in it
         self.best_top1 = -1.0
-        self.stop_requested = False
+        self.stop = stop or threading.Event()
 
     # ------------------------------------------------------------------ state
 
@@ -238,7 +240,7 @@ class Trainer:
                 if self.step % cfg.run.log_every == 0 or epoch_ends or checkpoint:
                     self._report(interval, progress)
                     interval = _Interval(self.step)
-                    if exchanges.any_rank(self.stop_requested, self.device):
+                    if exchanges.any_rank(self.stop.is_set(), self.device):
                         progress.note(f"stop requested: checkpoint at step {self.step}, then exit")
                         self.save()
                         return
