@@ -93,7 +93,7 @@ def _feeds(cfg: Config, groups: TowerGroups, device: torch.device):
     common = dict(
         replica=groups.replica, num_replicas=dp, pair_rank=groups.pair_rank,
         pair_size=groups.topology.tower_parallel_size, gather=groups.gather_batch, device=device, dtype=dtype,
-        image_size=cfg.data.image_size, resize=cfg.data.resize,
+        image_size=cfg.data.image_size, resize=cfg.data.resize, decode_ahead=cfg.data.decode_ahead,
     )
     feed = TrainFeed(
         train_images, micro_batch_size=t.micro_batch_size, seed=t.seed, augment=cfg.data.augment,
