@@ -76,6 +76,7 @@ class Ahead(Generic[T]):
             self._changed.notify_all()
         self._thread.join()
         self._ready.clear()
+        self._ready.append(_END)  # a next after close ends instead of waiting for a worker that is gone
 
     def __enter__(self) -> Ahead[T]:
         return self
@@ -88,7 +89,7 @@ class Ahead(Generic[T]):
             for item in items:
                 if not self._put(item):
                     return
-        except BaseException as e:  # noqa: BLE001 - whatever it is, the consumer's thread raises it
+        except BaseException as e:  # whatever it is, the consumer's thread raises it
             self._put(_Failed(e))
         else:
             self._put(_END)

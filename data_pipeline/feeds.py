@@ -129,28 +129,27 @@ class _Feed:
                 yield decoded
             return
         name = f"{type(self).__name__} decode ahead"
-        with Ahead(self._handed_over(decoded), self.decode_ahead, name) as ahead:
+        with Ahead(self._complete(decoded), self.decode_ahead, name) as ahead:
             yield map(self._received, ahead)
 
-    def _handed_over(self, decoded: Generator[Tensor]) -> Generator[tuple[Tensor, torch.cuda.Event | None]]:
-        """On the worker thread: each batch with, on a GPU, the event that marks its copy done.
-        The worker decodes on a stream of its own, so the copy overlaps the training step."""
+    def _complete(self, decoded: Generator[Tensor]) -> Generator[Tensor]:
+        """On the worker thread: ``decoded``, each batch complete when handed over. On a GPU
+        DALI's output is copied on a stream of the worker's own, waited for before the next
+        ``run`` (which may reuse the output's memory) and before the hand-over."""
         if self.device.type != "cuda":
-            with contextlib.closing(decoded):
-                yield from ((local, None) for local in decoded)
+            yield from decoded
             return
         side = torch.cuda.Stream(self.device)
         with contextlib.closing(decoded), torch.cuda.stream(side):  # the worker thread's current stream
             for local in decoded:
-                yield local, side.record_event()
+                side.synchronize()
+                yield local
 
-    def _received(self, item: tuple[Tensor, torch.cuda.Event | None]) -> Tensor:
-        """On the caller's thread: a batch from the worker, usable on the caller's stream."""
-        local, copied = item
-        if copied is not None:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(copied)
-            local.record_stream(stream)  # allocated on the worker's stream: not reused before this one is done
+    def _received(self, local: Tensor) -> Tensor:
+        """On the caller's thread: a batch from the worker, whose memory (allocated on the
+        worker's stream) must not be reused before the caller's stream is done with it."""
+        if local.is_cuda:
+            local.record_stream(torch.cuda.current_stream(self.device))
         return local
 
     def _decode(self, pipe, names: list[str]) -> Tensor:

@@ -127,5 +127,7 @@ def test_ahead_delivers_in_order_then_the_error_and_closes_a_blocked_worker_on_i
     endless = Ahead(items(None), depth=2, name="endless")
     assert next(endless) == 0  # the worker then fills its two places and waits for room
     endless.close()
+    with pytest.raises(StopIteration):
+        next(endless)
     assert closed_on == ["failing", "endless"]
     assert not [t for t in threading.enumerate() if t.name in ("failing", "endless")]
