@@ -6,7 +6,9 @@ step)`` alone. With one tower per rank (``pair_size`` 2), pair rank ``p`` decode
 pair-rank order, so both towers hold the same bytes, and the batch equals what one
 process holding both towers decodes (``pair_size`` 1, where ``gather`` is the
 identity). The PCA colour noise and the normalisation follow on the device, in
-float32, cast to ``dtype`` last.
+float32, cast to ``dtype`` last. With ``decode_ahead`` > 0 the reads and DALI's work
+run that many batches ahead on a worker thread per feed; the gather (a collective) and
+the normalisation stay on the caller's thread, in order, so the batches are the same.
 
 The package knows nothing of process groups: the trainer hands the feeds its pair's
 all-gather (:func:`alexnet_dist.exchanges.gather_batch` bound to the pair's group).
@@ -86,7 +88,8 @@ class _Feed:
         self._active: Generator | None = None
 
     def close(self) -> None:
-        """End the running pass, freeing its DALI pipeline (threads and buffers)."""
+        """End the running pass: its decoding worker, if any, stops and its DALI pipeline
+        (threads and buffers) is freed."""
         if self._active is not None:
             self._active.close()
             self._active = None
