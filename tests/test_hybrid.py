@@ -1,0 +1,168 @@
+"""The hybrid layout (``model.parallel: hybrid``) on real gloo processes: groups of K ranks,
+data-parallel convolutions, the classifier split by neurons, compute exactly the
+single-process network; a wrong backward is caught; groups of a larger world keep their
+gradients apart until the data-parallel average, which is the whole batch's gradient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alexnet_dist import exchanges
+from alexnet_dist.exchanges import all_reduce_sum
+from alexnet_dist.groups import HybridGroups
+from alexnet_dist.hybrid import HybridAlexNet
+from alexnet_dist.model import AlexNet
+from alexnet_dist.topology import HybridTopology
+from tests.multiproc import run_ranks
+from tests.test_exchanges import STEPS, assert_rel
+
+SMALL = dict(num_classes=5, width_mult=0.125, dropout=0.0)
+IMAGES = 8
+
+
+def _optimizer(params) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def _grads(model: AlexNet, x: torch.Tensor, y: torch.Tensor) -> dict:
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def _towers(state: dict) -> dict[int, dict]:
+    return {t: {k: v for k, v in state.items() if k.startswith(f"towers.tower{t}.")} for t in range(2)}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The single-process network: its first step on the whole batch (and on each half, the
+    groups of 8 ranks), then its parameters after STEPS more SGD steps."""
+    tmp = tmp_path_factory.mktemp("hybrid")
+    torch.manual_seed(3)
+    model = AlexNet(**SMALL, init="kaiming")
+    x, y = torch.randn(IMAGES, 3, 67, 67), torch.randint(0, 5, (IMAGES,))
+    torch.save({"state": model.state_dict(), "x": x, "y": y}, tmp / "ref.pt")
+    half = IMAGES // 2
+    ref = {"logits": model(x).detach(), "halves": [_grads(model, x[:half], y[:half]), _grads(model, x[half:], y[half:])],
+           "grads": _grads(model, x, y)}
+    opt, losses = _optimizer(model.parameters()), []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    ref["losses"], ref["params"] = losses, {k: p.detach().clone() for k, p in model.named_parameters()}
+    return tmp, ref
+
+
+def _hybrid_worker(rank: int, world_size: int, tmp: Path, size: int, mode: str) -> None:
+    """One rank of groups of ``size``: the first step's logits and gradients (the group's, then
+    averaged over the groups as DeepSpeed does), STEPS SGD steps, all in the towers' form.
+    ``mode``: "exact", "split" (every reduce-scatter a split) or "unsummed" (the convolutions'
+    gradients not summed over the group)."""
+    if mode == "split":
+        exchanges._reduce_scatter_blocks = lambda blocks, group, name: exchanges._split(blocks, group, 0)
+    elif mode == "unsummed":
+        exchanges._all_reduce = lambda x, group, name: x
+    ref = torch.load(tmp / "ref.pt")
+    groups = HybridGroups(HybridTopology(world_size, size), rank)
+    model = HybridAlexNet(**SMALL, group=groups.hybrid_group)
+    model.load_state_dict(model.from_towers(_towers(ref["state"])))
+    n = IMAGES // world_size
+    x, y = ref["x"][rank * n:(rank + 1) * n], ref["y"][rank * n:(rank + 1) * n]
+    dp = groups.topology.data_parallel_size
+    opt, out, losses = _optimizer(model.parameters()), {}, []
+    for step in range(STEPS):
+        opt.zero_grad()
+        logits = model(x)
+        loss = F.cross_entropy(logits, groups.targets(y))
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        for p in model.parameters():  # DeepSpeed's average over the data-parallel group
+            p.grad = all_reduce_sum(p.grad, groups.data_group) / dp
+        if step == 0:
+            out["logits"] = logits.detach()
+            out["group_grads"] = model.to_towers(grads)
+            out["grads"] = model.to_towers({k: p.grad for k, p in model.named_parameters()})
+        opt.step()
+        losses.append((all_reduce_sum(loss.detach(), groups.data_group) / dp).item())
+    out["losses"] = losses
+    out["params"] = model.to_towers({k: p.detach() for k, p in model.named_parameters()})
+    torch.save(out, tmp / f"{mode}{size}-{world_size}-{rank}.pt")
+
+
+def _ranks(tmp: Path, mode: str, size: int, world_size: int) -> list[dict]:
+    run_ranks(world_size, _hybrid_worker, tmp, size, mode)
+    return [torch.load(tmp / f"{mode}{size}-{world_size}-{r}.pt") for r in range(world_size)]
+
+
+def _whole(towers: dict[int, dict]) -> dict:
+    return {**towers[0], **towers[1]}
+
+
+def _assert_all_close(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys(), what
+    for name, value in want.items():
+        assert_rel(got[name], value, msg=f"{what} {name}")
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_one_group_equals_the_single_process_network(reference, size):
+    tmp, ref = reference
+    ranks = _ranks(tmp, "exact", size, size)
+    for r in ranks:  # every rank holds the group's logits, bit for bit
+        torch.testing.assert_close(r["logits"], ranks[0]["logits"], rtol=0, atol=0)
+        _assert_all_close(_whole(r["grads"]), _whole(ranks[0]["grads"]), "the same on every rank:")
+    assert_rel(ranks[0]["logits"], ref["logits"], msg="logits")
+    assert_rel(torch.tensor(ranks[0]["losses"]), torch.tensor(ref["losses"]), msg="losses")
+    _assert_all_close(_whole(ranks[0]["grads"]), ref["grads"], "gradient")
+    _assert_all_close(_whole(ranks[0]["params"]), ref["params"], f"after {STEPS} steps")
+
+
+@pytest.mark.parametrize("mode, layer", [("split", "towers.tower0.features.0.weight"),
+                                         ("unsummed", "towers.tower1.features.13.weight")])
+def test_a_wrong_backward_loses_gradient_and_is_caught(reference, mode, layer):
+    """A split in place of a reduce-scatter (into fc6, fc7, fc8) drops the other shares'
+    part of the gradient; convolutions not summed over the group keep only their own images'."""
+    tmp, ref = reference
+    got = _whole(_ranks(tmp, mode, 4, 4)[1]["grads"])
+    assert_rel(got["towers.tower0.classifier.10.weight"], ref["grads"]["towers.tower0.classifier.10.weight"],
+               msg="fc8, after the last exchange")
+    err = (got[layer] - ref["grads"][layer]).norm() / ref["grads"][layer].norm()
+    assert err > 0.1, f"{mode}: a wrong backward went unnoticed (relative error {err:.1e})"
+
+
+def test_eight_ranks_two_groups_keep_their_gradients_apart_until_the_average(reference):
+    tmp, ref = reference
+    ranks = _ranks(tmp, "exact", 4, 8)
+    for g in range(2):
+        group = ranks[4 * g: 4 * g + 4]
+        _assert_all_close(_whole(group[0]["group_grads"]), ref["halves"][g], f"group {g}'s own gradient")
+        assert_rel(group[0]["logits"], ref["logits"][4 * g: 4 * g + 4], msg=f"group {g}'s logits")
+    conv1 = "towers.tower0.features.0.weight"  # the halves' gradients differ: mixing them would show
+    assert (ref["halves"][0][conv1] - ref["halves"][1][conv1]).norm() > 0.1 * ref["grads"][conv1].norm()
+    for rank, r in enumerate(ranks):
+        _assert_all_close(_whole(r["grads"]), ref["grads"], f"rank {rank}'s averaged gradient")
+    assert_rel(torch.tensor(ranks[0]["losses"]), torch.tensor(ref["losses"]), msg="losses")
+    _assert_all_close(_whole(ranks[5]["params"]), ref["params"], f"after {STEPS} steps")
+
+
+def _mpu_worker(rank: int, world_size: int) -> None:
+    groups = HybridGroups(HybridTopology(world_size, 4), rank)
+    assert (groups.get_model_parallel_rank(), groups.get_data_parallel_rank()) == (rank % 4, rank // 4)
+    assert (groups.get_model_parallel_world_size(), groups.get_data_parallel_world_size()) == (4, 2)
+    share = torch.tensor([float(rank)])  # the data-parallel group: the same share in both groups
+    assert all_reduce_sum(share, groups.get_data_parallel_group()).item() == 2 * (rank % 4) + 4
+    group = torch.tensor([float(rank)])
+    assert all_reduce_sum(group, groups.get_model_parallel_group()).item() == sum(range(4 * (rank // 4), 4 * (rank // 4) + 4))
+    assert groups.train_input()["replica"] == rank and groups.val_input()["replica"] == rank // 4
+
+
+def test_the_mpu_of_eight_ranks():
+    run_ranks(8, _mpu_worker)
