@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from alexnet_dist.exchanges import gather_batch, gather_targets
-from alexnet_dist.topology import NUM_TOWERS, HybridTopology, Topology
+from alexnet_dist.topology import NUM_TOWERS, HybridTopology, Topology, topology_for
 
 __all__ = ["HybridGroups", "TowerGroups", "groups_for"]
 
@@ -45,11 +45,13 @@ def _build(all_ranks: list[tuple[int, ...]], mine: tuple[int, ...],
 
 
 def groups_for(parallel: str, hybrid_size: int, timeout_s: float | None = None) -> TowerGroups | HybridGroups:
-    """The groups of ``model.parallel`` over the initialised world. One process holds the
-    single-process network either way."""
-    if parallel == "hybrid" and dist.is_initialized() and dist.get_world_size() > 1:
-        return HybridGroups(HybridTopology(dist.get_world_size(), hybrid_size), dist.get_rank(), timeout_s)
-    return TowerGroups.from_world(timeout_s)
+    """The groups of ``model.parallel`` over the initialised world (one process without it:
+    the single-process network either way)."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    topology = topology_for(parallel, hybrid_size, world)
+    if isinstance(topology, HybridTopology):
+        return HybridGroups(topology, rank, timeout_s)
+    return TowerGroups(topology, rank, timeout_s)
 
 
 class TowerGroups:

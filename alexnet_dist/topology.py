@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["HybridTopology", "NUM_TOWERS", "Topology", "shares"]
+__all__ = ["HybridTopology", "NUM_TOWERS", "Topology", "shares", "topology_for"]
 
 NUM_TOWERS = 2
 
@@ -151,3 +151,15 @@ class HybridTopology:
     def data_parallel_ranks(self, slice_: int) -> tuple[int, ...]:
         """Ranks holding slice ``slice_`` in every group."""
         return tuple(range(slice_, self.world_size, self.size))
+
+
+def topology_for(parallel: str, hybrid_size: int, world_size: int) -> Topology | HybridTopology:
+    """The layout of ``model.parallel`` on ``world_size`` ranks (raises on an impossible one).
+    One process holds the single-process network whichever is asked for.
+
+    >>> topology_for("hybrid", 4, 1), topology_for("hybrid", 4, 8)
+    (Topology(world_size=1), HybridTopology(world_size=8, size=4))
+    """
+    if parallel == "hybrid" and world_size > 1:
+        return HybridTopology(world_size, hybrid_size)
+    return Topology(world_size)
