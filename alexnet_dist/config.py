@@ -150,6 +150,9 @@ class Config:
     def validate(self) -> Config:
         for section in (self.data, self.model, self.train, self.run):
             section.validate()
+        if self.model.parallel == "hybrid" and self.train.exchange_chunks > 1:
+            raise ConfigError("train.exchange_chunks overlaps the towers' exchanges: it needs model.parallel=towers "
+                              "(set it to 1 with hybrid)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -143,7 +143,8 @@ class HybridAlexNet(nn.Module):
     def reseed_dropout(self, seed: int, replica: int, step: int) -> None:
         """Masks determined by (seed, group, step, share, layer): the shares' neurons differ, so do their masks."""
         for layer, drop in enumerate((self.drop6, self.drop7)):
-            drop.reseed(hash((seed, replica, self.part, step, layer, "hybrid")) & 0x7FFF_FFFF_FFFF_FFFF)
+            # integers only: a tuple's hash is the same in every process (strings' are salted)
+            drop.reseed(hash((seed, replica, self.part, step, layer)) & 0x7FFF_FFFF_FFFF_FFFF)
 
     # ---- the single-process towers' form (checkpoints)
 

@@ -70,6 +70,22 @@ def reference(tmp_path_factory):
     return tmp, ref
 
 
+def test_the_shares_and_the_convolutions_are_the_papers_parameters():
+    parts = [HybridAlexNet(1000, 1.0, part=j, parts=4, seed=0) for j in range(4)]
+    convs = sum(p.numel() for p in parts[0].towers.parameters())
+    shares = sum(p.numel() for net in parts for name, p in net.named_parameters() if name.startswith("fc"))
+    assert convs + shares == 60_965_224
+
+
+def test_dropout_masks_repeat_from_the_seed_and_differ_between_shares():
+    masks = []
+    for part in (0, 0, 1):
+        net = HybridAlexNet(**{**SMALL, "dropout": 0.5}, part=part, parts=2)
+        net.reseed_dropout(seed=1, replica=0, step=3)
+        masks.append(net.drop6(torch.ones(4, 256)))
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+
+
 def _hybrid_worker(rank: int, world_size: int, tmp: Path, size: int, mode: str) -> None:
     """One rank of groups of ``size``: the first step's logits and gradients (the group's, then
     averaged over the groups as DeepSpeed does), STEPS SGD steps, all in the towers' form.
@@ -251,6 +267,7 @@ def test_a_checkpoint_resumes_across_the_layouts_with_the_uninterrupted_losses(w
 @pytest.mark.parametrize("launcher, ranks, sets, message", [
     ("python", 1, ["model.parallel=hybrid", "model.hybrid_size=3"], "model.hybrid_size must be even and at least 2, got 3"),
     ("torchrun", 2, HYBRID4, "model.hybrid_size=4 does not divide the world size 2"),
+    ("python", 1, ["model.parallel=hybrid", "train.exchange_chunks=2"], "train.exchange_chunks overlaps the towers'"),
 ])
 def test_an_impossible_hybrid_layout_is_one_line(launcher, ranks, sets, message, tmp_path, cache):
     result = train(launcher, ranks, tmp_path, *sets, cache=cache, timeout=120)
