@@ -80,7 +80,7 @@ def prepare_images(cfg: Config):
     return train, val
 
 
-def _feeds(cfg: Config, groups: TowerGroups, device: torch.device):
+def _feeds(cfg: Config, groups: TowerGroups | HybridGroups, device: torch.device):
     """(class names or None, training feed, validation feed or None) for this rank."""
     from data_pipeline import SyntheticFeed, TrainFeed, ValFeed, load_eigen
 
@@ -133,7 +133,7 @@ def _model(cfg: Config, groups: TowerGroups | HybridGroups, num_classes: int) ->
     return model
 
 
-def _engine(cfg: Config, groups: TowerGroups, num_classes: int):
+def _engine(cfg: Config, groups: TowerGroups | HybridGroups, num_classes: int):
     """This rank's towers, their SGD and the DeepSpeed engine around them."""
     import deepspeed
 

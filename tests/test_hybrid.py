@@ -254,12 +254,14 @@ def _interrupted_at(run: Path, dst: Path) -> Path:
 @pytest.mark.parametrize("written, resumed, says", [
     ((4, HYBRID4), (2, []), "resuming a checkpoint of 4 ranks on 2 ranks: model.parallel towers instead of hybrid"),
     ((2, []), (4, HYBRID4), "resuming a checkpoint of 2 ranks on 4 ranks: model.parallel hybrid instead of towers"),
-], ids=["hybrid-to-towers", "towers-to-hybrid"])
+    ((4, [*HYBRID4, "train.zero_stage=1"]), (1, []), "resuming a checkpoint of 4 ranks on 1 process"),
+], ids=["hybrid-to-towers", "towers-to-hybrid", "hybrid-zero1-to-1"])
 def test_a_checkpoint_resumes_across_the_layouts_with_the_uninterrupted_losses(written, resumed, says, runs,
                                                                                tmp_path, cache):
     (ranks, sets), (new_ranks, new_sets) = written, resumed
     run = _interrupted_at(runs("deepspeed", ranks, *sets), tmp_path / "run")
-    result = check(train("deepspeed", new_ranks, run, *RUN, *new_sets, cache=cache, timeout=400))
+    launcher = "python" if new_ranks == 1 else "deepspeed"
+    result = check(train(launcher, new_ranks, run, *RUN, *new_sets, cache=cache, timeout=400))
     assert f"resumed from step {AT}" in result.stdout and says in result.stdout, result.stdout[-3000:]
     _same(losses(run), losses(runs("python", 1)))
 
