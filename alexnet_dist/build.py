@@ -14,7 +14,8 @@ import torch
 from alexnet_dist.checkpoint import CheckpointError, Checkpoints
 from alexnet_dist.config import Config, ConfigError, deepspeed_config, gradient_accumulation
 from alexnet_dist.distributed import is_rank0, shared_from_rank0, unlink_deepspeed_shm
-from alexnet_dist.groups import TowerGroups
+from alexnet_dist.groups import HybridGroups, TowerGroups, groups_for
+from alexnet_dist.hybrid import HybridAlexNet
 from alexnet_dist.metrics import MetricsLog, quiet_stdout, say
 from alexnet_dist.model import AlexNet, memory_format_for
 from alexnet_dist.schedule import LRSchedule
@@ -32,7 +33,7 @@ class Parts:
 
     cfg: Config
     device: torch.device
-    groups: TowerGroups
+    groups: TowerGroups | HybridGroups
     num_classes: int
     classes: list[str] | None  # the training set's class names (None for generated batches)
     feed: object  # data_pipeline.TrainFeed or SyntheticFeed: ``epoch(e, start_step)``, ``close()``
@@ -79,29 +80,28 @@ def prepare_images(cfg: Config):
     return train, val
 
 
-def _feeds(cfg: Config, groups: TowerGroups, device: torch.device):
+def _feeds(cfg: Config, groups: TowerGroups | HybridGroups, device: torch.device):
     """(class names or None, training feed, validation feed or None) for this rank."""
     from data_pipeline import SyntheticFeed, TrainFeed, ValFeed, load_eigen
 
-    t, dtype, dp = cfg.train, cfg.train.torch_dtype, groups.topology.data_parallel_size
+    t, dtype, place = cfg.train, cfg.train.torch_dtype, groups.train_input()
     if cfg.data.synthetic:
         return None, SyntheticFeed(
             micro_batch_size=t.micro_batch_size, num_classes=cfg.model.num_classes or 1000, seed=t.seed,
-            replica=groups.replica, num_replicas=dp, device=device, dtype=dtype, image_size=cfg.data.image_size,
+            replica=place["replica"], num_replicas=place["num_replicas"], device=device, dtype=dtype,
+            image_size=cfg.data.image_size,
         ), None
     train_images, val_images = shared_from_rank0(lambda: prepare_images(cfg), USER_ERRORS)
-    common = dict(
-        replica=groups.replica, num_replicas=dp, pair_rank=groups.pair_rank,
-        pair_size=groups.topology.tower_parallel_size, gather=groups.gather_batch, device=device, dtype=dtype,
-        image_size=cfg.data.image_size, resize=cfg.data.resize, decode_ahead=cfg.data.decode_ahead,
-    )
+    common = dict(device=device, dtype=dtype, image_size=cfg.data.image_size, resize=cfg.data.resize,
+                  decode_ahead=cfg.data.decode_ahead)
     feed = TrainFeed(
         train_images, micro_batch_size=t.micro_batch_size, seed=t.seed, augment=cfg.data.augment,
-        eigen=load_eigen(cfg.data.pca), num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, **common,
+        eigen=load_eigen(cfg.data.pca), num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, **place,
+        **common,
     )
     val_feed = (
         ValFeed(val_images, batch_size=t.micro_batch_size, views=10 if cfg.data.ten_crop_eval else 1,
-                num_threads=cfg.data.num_threads, **common)
+                num_threads=cfg.data.num_threads, **groups.val_input(), **common)
         if val_images is not None else None
     )
     return train_images.classes, feed, val_feed
@@ -115,7 +115,26 @@ def _cpu_op_cached() -> bool:
     return any(root.glob("**/deepspeed_shm_comm/deepspeed_shm_comm*.so"))
 
 
-def _engine(cfg: Config, groups: TowerGroups, num_classes: int):
+def _model(cfg: Config, groups: TowerGroups | HybridGroups, num_classes: int) -> AlexNet | HybridAlexNet:
+    """This rank's part of the network, its parameters marked for DeepSpeed's gradient norm:
+    ``model_parallel`` ones are summed over the model-parallel group, the others counted on
+    its rank 0 only."""
+    t, m = cfg.train, cfg.model
+    if isinstance(groups, HybridGroups):
+        model = HybridAlexNet(num_classes, m.width_mult, m.dropout, m.init, group=groups.hybrid_group, seed=t.seed)
+        for p in model.parameters():
+            p.model_parallel = True  # the classifier's shares are disjoint
+        for p in model.towers.parameters():
+            p.model_parallel = False  # the convolutions are the same on every rank of the group
+        return model
+    model = AlexNet(num_classes, m.width_mult, m.dropout, m.init, towers=groups.towers, group=groups.pair_group,
+                    seed=t.seed, exchange_chunks=t.exchange_chunks)
+    for p in model.parameters():
+        p.model_parallel = True  # towers hold disjoint weights: clipping sums norms over the pair
+    return model
+
+
+def _engine(cfg: Config, groups: TowerGroups | HybridGroups, num_classes: int):
     """This rank's towers, their SGD and the DeepSpeed engine around them."""
     import deepspeed
 
@@ -123,30 +142,28 @@ def _engine(cfg: Config, groups: TowerGroups, num_classes: int):
         say("compiling DeepSpeed's CPU communication op, once (about a minute; cached under "
             "TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)")
 
-    t, m = cfg.train, cfg.model
-    model = AlexNet(num_classes, m.width_mult, m.dropout, m.init, towers=groups.towers, group=groups.pair_group,
-                    seed=t.seed, exchange_chunks=t.exchange_chunks)
-    for p in model.parameters():
-        p.model_parallel = True  # towers hold disjoint weights: clipping sums norms over the pair
+    model = _model(cfg, groups, num_classes)
+    t = cfg.train
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    group_size = groups.topology.size if isinstance(groups, HybridGroups) else 1
     with quiet_stdout():  # DeepSpeed prints "... built successfully" on every start
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=groups, dist_init_required=False,
-                                          config=deepspeed_config(cfg, groups.topology.data_parallel_size))
+                                          config=deepspeed_config(cfg, groups.topology.data_parallel_size, group_size))
     unlink_deepspeed_shm()
     return engine, optimizer
 
 
 def build(cfg: Config, device: torch.device) -> Parts:
     """Every part of this rank's run; collective (every rank calls it)."""
-    groups = TowerGroups.from_world(cfg.run.collective_timeout_s)
+    groups = groups_for(cfg.model.parallel, cfg.model.hybrid_size, cfg.run.collective_timeout_s)
     t = cfg.train
     classes, feed, val_feed = _feeds(cfg, groups, device)
     num_classes = cfg.model.num_classes or (len(classes) if classes else 1000)
     if classes and num_classes < len(classes):
         raise ConfigError(f"model.num_classes={num_classes} is fewer than the {len(classes)} class folders of "
                           "the training set; leave it unset to use the folders' number")
-    dp = groups.topology.data_parallel_size
-    accum = gradient_accumulation(t, dp)
+    replicas = groups.train_input()["num_replicas"]  # input replicas: a hybrid rank is one
+    accum = gradient_accumulation(t, replicas)
     steps_per_epoch = feed.steps_per_epoch // accum
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -154,7 +171,7 @@ def build(cfg: Config, device: torch.device) -> Parts:
             f"of {feed.steps_per_epoch} per replica; lower train.grad_accum or train.micro_batch_size"
         )
     total_steps = remaining_steps(t.epochs, steps_per_epoch, t.max_steps)
-    global_batch = t.micro_batch_size * accum * dp
+    global_batch = t.micro_batch_size * accum * replicas
     engine, optimizer = _engine(cfg, groups, num_classes)
     return Parts(
         cfg=cfg, device=device, groups=groups, num_classes=num_classes, classes=classes, feed=feed,

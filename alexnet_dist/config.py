@@ -67,8 +67,12 @@ class ModelConfig:
     width_mult: float = 1.0  # 1.0 = the paper's widths
     dropout: float = 0.5  # after fc6 and fc7, as in the paper
     init: Literal["paper", "kaiming"] = "paper"  # paper: N(0, 0.01), biases 1 in conv2/4/5, fc6/7
+    parallel: Literal["towers", "hybrid"] = "towers"  # towers: one tower per rank; hybrid: data-parallel convolutions, classifier split by neurons over model.hybrid_size ranks (Krizhevsky 2014)
+    hybrid_size: int = 2  # parallel=hybrid: ranks sharing one classifier (even; divides the world size)
 
     def validate(self) -> None:
+        if self.parallel == "hybrid" and (self.hybrid_size < 2 or self.hybrid_size % 2):
+            raise ConfigError(f"model.hybrid_size must be even and at least 2, got {self.hybrid_size}")
         if self.num_classes is not None and self.num_classes < 2:
             raise ConfigError(f"model.num_classes must be at least 2, got {self.num_classes}")
         if not 0 < self.width_mult <= 4:
@@ -149,6 +153,9 @@ class Config:
     def validate(self) -> Config:
         for section in (self.data, self.model, self.train, self.run):
             section.validate()
+        if self.model.parallel == "hybrid" and self.train.exchange_chunks > 1:
+            raise ConfigError("train.exchange_chunks overlaps the towers' exchanges: it needs model.parallel=towers "
+                              "(set it to 1 with hybrid)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -305,14 +312,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return _build(Config, _merge(values, parse_overrides(list(overrides))), "").validate()
 
 
-def deepspeed_config(cfg: Config, data_parallel_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for this config (the optimizer and schedule stay ours)."""
+def deepspeed_config(cfg: Config, data_parallel_size: int, group_size: int = 1) -> dict[str, Any]:
+    """The DeepSpeed JSON for this config (the optimizer and schedule stay ours). ``group_size``:
+    input replicas whose images one data-parallel rank's gradient covers (``model.hybrid_size``
+    in the hybrid layout, whose data-parallel ranks are groups)."""
     t = cfg.train
-    accum = gradient_accumulation(t, data_parallel_size)
+    accum = gradient_accumulation(t, data_parallel_size * group_size)
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size * group_size,
         "gradient_accumulation_steps": accum,
-        "train_batch_size": t.micro_batch_size * accum * data_parallel_size,
+        "train_batch_size": t.micro_batch_size * group_size * accum * data_parallel_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "zero_allow_untested_optimizer": True,  # plain SGD under ZeRO

@@ -6,8 +6,10 @@ At ZeRO stage 1 the fp32 weights and their momentum live in flat partitions shar
 the replicas; DeepSpeed's public fragment API (``deepspeed.utils.safe_get_full_*``)
 assembles or scatters each parameter's whole tensor, collectively over the data-parallel
 group. Either way the result is keyed by the single-process network's names
-(``towers.tower0.features.0.weight``, ...), so a checkpoint written by any layout loads
-into any other: one process, any even number of ranks, ZeRO 0 or 1. DeepSpeed is imported
+(``towers.tower0.features.0.weight``, ...; the module's ``to_towers``/``from_towers``
+convert, gathering a hybrid group's classifier shares), so a checkpoint written by any
+layout loads into any other: one process, any even number of ranks, towers or hybrid,
+ZeRO 0 or 1. DeepSpeed is imported
 where it is used, as everywhere here: importing it prints its accelerator line before the
 job can keep it out of view.
 """
@@ -28,31 +30,22 @@ def _sharded(engine) -> bool:
     return hasattr(next(engine.module.parameters()), "_hp_mapping")
 
 
-def _towers(engine) -> dict[int, nn.Module]:
-    return {tower.index: tower for tower in engine.module.towers.values()}
-
-
-def _named(tower: nn.Module):
-    return tower.named_parameters(prefix=f"towers.tower{tower.index}")
-
-
 def read_towers(engine, optimizer: torch.optim.Optimizer) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
     """``{tower: {"weights": {name: fp32}, "momentum": {name: fp32}}}`` for this rank's towers,
-    on the CPU. Collective under ZeRO: every rank of each data-parallel group calls it."""
+    on the CPU, in the single-process form (the module's ``to_towers``). Collective under ZeRO:
+    every rank of each data-parallel group calls it; in the hybrid layout also over the group."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     sharded = _sharded(engine)
-    out = {}
-    for index, tower in _towers(engine).items():
-        weights, momentum = {}, {}
-        for name, p in _named(tower):
-            full = safe_get_full_fp32_param(p) if sharded else None
-            weights[name] = (full if full is not None else p.detach()).float().cpu()
-            mom = _full_momentum(p, optimizer, sharded)
-            if mom is not None:
-                momentum[name] = mom.float().cpu()
-        out[index] = {"weights": weights, "momentum": momentum}
-    return out
+    weights, momentum = {}, {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if sharded else None
+        weights[name] = (full if full is not None else p.detach()).float().cpu()
+        mom = _full_momentum(p, optimizer, sharded)
+        if mom is not None:
+            momentum[name] = mom.float().cpu()
+    weights, momentum = engine.module.to_towers(weights), engine.module.to_towers(momentum)
+    return {t: {"weights": weights[t], "momentum": momentum[t]} for t in weights}
 
 
 def _full_momentum(p: nn.Parameter, optimizer: torch.optim.Optimizer, sharded: bool) -> torch.Tensor | None:
@@ -75,20 +68,21 @@ def load_towers(engine, states: dict[int, dict[str, dict[str, torch.Tensor]]]) -
     sharded = _sharded(engine)
     if sharded:
         _make_zero_momentum(engine.optimizer)
-    for index, tower in _towers(engine).items():
-        weights, momentum = states[index]["weights"], states[index]["momentum"]
-        for name, p in _named(tower):
-            value = weights[name].to(p.device)
-            with torch.no_grad():
-                p.copy_(value)  # the module's copy (fp16 under fp16)
-            if sharded:
-                safe_set_full_fp32_param(p, value)
-            if name not in momentum:
-                continue
-            if sharded:
-                safe_set_full_optimizer_state(p, momentum[name].to(p.device), MOMENTUM)
-            else:
-                engine.optimizer.state[p][MOMENTUM] = momentum[name].to(p.device).clone()
+    module = engine.module
+    weights = module.from_towers({t: s["weights"] for t, s in states.items()})
+    momentum = module.from_towers({t: s["momentum"] for t, s in states.items()})
+    for name, p in module.named_parameters():
+        value = weights[name].to(p.device)
+        with torch.no_grad():
+            p.copy_(value)  # the module's copy (fp16 under fp16)
+        if sharded:
+            safe_set_full_fp32_param(p, value)
+        if name not in momentum:
+            continue
+        if sharded:
+            safe_set_full_optimizer_state(p, momentum[name].to(p.device), MOMENTUM)
+        else:
+            engine.optimizer.state[p][MOMENTUM] = momentum[name].to(p.device).clone()
 
 
 def _make_zero_momentum(zero_optimizer) -> None:

@@ -40,8 +40,11 @@ __all__ = [
     "broadcast_object",
     "gather_batch",
     "gather_logits",
+    "gather_rows",
+    "gather_targets",
     "PendingExchange",
     "start_gather_from_towers",
+    "sum_gradient_over",
 ]
 
 
@@ -141,6 +144,18 @@ def _split(x: Tensor, group: dist.ProcessGroup | None, dim: int) -> Tensor:
     return x.chunk(size, dim)[dist.get_rank(group)].contiguous()
 
 
+def _all_reduce(x: Tensor, group: dist.ProcessGroup | None, name: str) -> Tensor:
+    """Sum ``x`` over the group (a new tensor)."""
+    size = _group_size(group)
+    if size == 1:
+        return x
+    x = x.clone(memory_format=torch.contiguous_format)
+    with EXCHANGE_COUNTER.waiting(name):
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    EXCHANGE_COUNTER.add(name, 2 * _nbytes(x) * (size - 1) // size)  # a ring's reduce-scatter + all-gather
+    return x
+
+
 # ---------------------------------------------------------------- 2. autograd Functions
 
 
@@ -171,6 +186,19 @@ class _AllGatherForwardSplitBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return _split(grad, ctx.group, ctx.dim), None, None, None
+
+
+class _IdentityForwardAllReduceBackward(torch.autograd.Function):
+    """Forward: identity. Backward: all-reduce (sum) of the gradient over the group."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group, name: str) -> Tensor:
+        ctx.group, ctx.name = group, name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_reduce(grad, ctx.group, ctx.name), None, None
 
 
 # ---------------------------------------------------------------- 3. public wrappers
@@ -222,6 +250,36 @@ def gather_logits(
     gathered = _AllGatherForwardSplitBackward.apply(padded, group, 1, "logits")
     slices = gathered.split(width, 1)
     return torch.cat([s[:, :n] for s, n in zip(slices, sizes)], 1)
+
+
+def sum_gradient_over(weight: Tensor, group: dist.ProcessGroup | None, name: str = "conv.grad") -> Tensor:
+    """``weight`` itself, whose gradient is summed over ``group`` on the way back.
+
+    The hybrid layout's convolutions: every rank of a group applies the same weights to its
+    own images, so the weights' gradient is the sum of the ranks' gradients. Summed inside
+    autograd, it reaches ``.grad`` (and DeepSpeed's averaging over the groups) already whole.
+    """
+    return _IdentityForwardAllReduceBackward.apply(weight, group, name)
+
+
+@torch.no_grad()
+def gather_targets(y: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """The labels of every member's images, concatenated along dim 0 in group-rank order
+    (N -> size*N: the rows of the hybrid layout's logits)."""
+    return _all_gather(y, group, 0, "targets")
+
+
+@torch.no_grad()
+def gather_rows(x: Tensor, group: dist.ProcessGroup | None, sizes: Sequence[int]) -> Tensor:
+    """Every member's ``x`` (member i: ``sizes[i]`` rows) concatenated along dim 0: a weight
+    split by rows (neurons, classes) made whole again. Padded to the largest share for
+    the collective, then trimmed, as :func:`gather_logits` does."""
+    if _group_size(group) == 1:
+        return x
+    width = max(sizes)
+    padded = torch.cat([x, x.new_zeros((width - x.shape[0], *x.shape[1:]))]) if x.shape[0] < width else x
+    blocks = _all_gather(padded, group, 0, "checkpoint").split(width)
+    return torch.cat([b[:n] for b, n in zip(blocks, sizes)])
 
 
 @torch.no_grad()

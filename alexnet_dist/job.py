@@ -24,7 +24,7 @@ from alexnet_dist.config import Config, ConfigError, load_config
 from alexnet_dist.distributed import (PortInUse, ReportedOnRank0, discover, init_distributed, is_rank0,
                                       quiet_libraries, shared_from_rank0)
 from alexnet_dist.metrics import say
-from alexnet_dist.topology import Topology
+from alexnet_dist.topology import topology_for
 from alexnet_dist.training import Trainer, TrainingDiverged
 from data_pipeline.fsutil import write_atomically
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     context = None
     try:
         cfg = load_config(args.config, args.set)
-        Topology(info.world_size)
+        topology_for(cfg.model.parallel, cfg.model.hybrid_size, info.world_size)
         device, store = init_distributed(info, cfg.run.collective_timeout_s)
         context = faults.register_rank(cfg.run.dir, store)
         lock = RunDirLock(cfg.run.dir)

@@ -43,7 +43,7 @@ from torch.autograd.profiler import record_function
 from alexnet_dist.exchanges import PendingExchange, gather_logits, start_gather_from_towers
 from alexnet_dist.topology import NUM_TOWERS
 
-__all__ = ["AlexNet", "CrossTower", "Layer", "LocalResponseNorm", "ReLULRNPool", "Tower", "TowerDropout", "class_split",
+__all__ = ["AlexNet", "CrossTower", "Layer", "layer_runs", "LocalResponseNorm", "ReLULRNPool", "Tower", "TowerDropout", "class_split",
            "memory_format_for", "tower_widths"]
 
 # Per-tower widths at width_mult=1 (the paper's figure 2).
@@ -245,6 +245,29 @@ def tower_widths(width_mult: float = 1.0) -> tuple[tuple[int, ...], int]:
     return tuple(scaled(c) for c in CONV_WIDTHS), scaled(FC_WIDTH)
 
 
+def layer_runs(modules: Sequence[nn.Module], prefix: str,
+               weighted: Callable[[nn.Module], Callable[[Tensor], Tensor]] = lambda m: m,
+               ) -> list[tuple[list[Layer], str | None]]:
+    """``modules`` (a tower's, in order) as runs of :class:`Layer` between :class:`CrossTower`
+    markers, each run with the exchange that follows it (None after the last). ``weighted``
+    gives the step that applies a convolution or linear layer (the layer itself by default)."""
+    runs: list[tuple[list[Layer], str | None]] = []
+    current: list[Layer] = []
+    names = iter(LAYER_NAMES)
+    for module in modules:
+        if isinstance(module, CrossTower):
+            runs.append((current, module.name))
+            current = []
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            current.append(Layer(f"{prefix}.{next(names)}", [weighted(module)]))
+        else:
+            steps = current[-1].steps
+            steps.append(module)
+            if ReLULRNPool.fits(steps[-3:]):
+                steps[-3:] = [ReLULRNPool(*steps[-3:])]
+    return runs + [(current, None)]
+
+
 class Tower(nn.Module):
     """One of the paper's two towers (half of every layer)."""
 
@@ -290,21 +313,7 @@ class Tower(nn.Module):
 
     def segments(self) -> list[tuple[list[Layer], str | None]]:
         """The runs of the paper's layers between exchanges, each with the exchange that follows it."""
-        runs: list[tuple[list[Layer], str | None]] = []
-        current: list[Layer] = []
-        names = iter(LAYER_NAMES)
-        for module in self.layers():
-            if isinstance(module, CrossTower):
-                runs.append((current, module.name))
-                current = []
-            elif isinstance(module, (nn.Conv2d, nn.Linear)):
-                current.append(Layer(f"tower{self.index}.{next(names)}", [module]))
-            else:
-                steps = current[-1].steps
-                steps.append(module)
-                if ReLULRNPool.fits(steps[-3:]):
-                    steps[-3:] = [ReLULRNPool(*steps[-3:])]
-        return runs + [(current, None)]
+        return layer_runs(self.layers(), f"tower{self.index}")
 
     def init_weights(self, scheme: str = "paper", generator: torch.Generator | None = None) -> None:
         """``paper``: weights N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
@@ -394,6 +403,19 @@ class AlexNet(nn.Module):
             for layer, drop in enumerate(drops):
                 key = (seed, replica, tower.index, step, layer)
                 drop.reseed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def to_towers(self, named: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+        """Tensors keyed by this module's parameter names (weights, momentum) grouped by the tower
+        holding them: the checkpoint's form."""
+        towers: dict[int, dict[str, Tensor]] = {}
+        for tower in self.towers.values():
+            prefix = f"towers.tower{tower.index}."
+            towers[tower.index] = {k: v for k, v in named.items() if k.startswith(prefix)}
+        return towers
+
+    def from_towers(self, towers: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The inverse of :meth:`to_towers` for the towers held here."""
+        return {k: v for tower in self.towers.values() for k, v in towers[tower.index].items()}
 
     @classmethod
     def load(cls, path: str) -> AlexNet:

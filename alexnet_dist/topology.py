@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["NUM_TOWERS", "Topology"]
+__all__ = ["HybridTopology", "NUM_TOWERS", "Topology", "shares", "topology_for"]
 
 NUM_TOWERS = 2
 
@@ -89,3 +89,77 @@ class Topology:
     def _check(self, rank: int) -> None:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside world of size {self.world_size}")
+
+
+def shares(total: int, parts: int) -> tuple[int, ...]:
+    """``total`` units (neurons, classes) dealt to ``parts`` holders in order, the first ones
+    taking one more when it does not divide: for 2 parts, the towers' split of the classes.
+
+    >>> shares(1000, 2), shares(5, 2), shares(5, 4), shares(4096, 4)
+    ((500, 500), (3, 2), (2, 1, 1, 1), (1024, 1024, 1024, 1024))
+    """
+    base, extra = divmod(total, parts)
+    return tuple(base + (i < extra) for i in range(parts))
+
+
+@dataclass(frozen=True)
+class HybridTopology:
+    """Krizhevsky 2014 ("One weird trick"): groups of ``size`` consecutive ranks; every rank
+    runs all the convolutions on its own images, and rank ``j`` of a group (its *slice*)
+    holds the ``j``-th share of fc6's, fc7's and fc8's neurons for the whole group's images.
+    The ranks holding the same slice in every group are one data-parallel group (DeepSpeed
+    averages over it); a group is DeepSpeed's "model-parallel" group. Every rank is its own
+    input replica.
+
+    >>> topo = HybridTopology(8, 4)
+    >>> topo.data_parallel_size, [topo.group_of(r) for r in range(8)], [topo.slice_of(r) for r in range(8)]
+    (2, [0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 2, 3, 0, 1, 2, 3])
+    >>> topo.group_ranks(1), topo.data_parallel_ranks(2)
+    ((4, 5, 6, 7), (2, 6))
+    >>> HybridTopology(6, 4)
+    Traceback (most recent call last):
+    ...
+    ValueError: model.hybrid_size=4 does not divide the world size 6: use a multiple of 4 ranks, or a hybrid_size that divides 6
+    """
+
+    world_size: int
+    size: int  # model.hybrid_size: ranks sharing one classifier
+
+    def __post_init__(self) -> None:
+        if self.size < 2 or self.size % 2:
+            raise ValueError(f"model.hybrid_size must be even and at least 2, got {self.size}")
+        if self.world_size % self.size:
+            raise ValueError(f"model.hybrid_size={self.size} does not divide the world size {self.world_size}: use a "
+                             f"multiple of {self.size} ranks, or a hybrid_size that divides {self.world_size}")
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Number of groups (each a whole copy of the network)."""
+        return self.world_size // self.size
+
+    def group_of(self, rank: int) -> int:
+        return rank // self.size
+
+    def slice_of(self, rank: int) -> int:
+        """Which share of the classifier's neurons ``rank`` holds."""
+        return rank % self.size
+
+    def group_ranks(self, group: int) -> tuple[int, ...]:
+        first = group * self.size
+        return tuple(range(first, first + self.size))
+
+    def data_parallel_ranks(self, slice_: int) -> tuple[int, ...]:
+        """Ranks holding slice ``slice_`` in every group."""
+        return tuple(range(slice_, self.world_size, self.size))
+
+
+def topology_for(parallel: str, hybrid_size: int, world_size: int) -> Topology | HybridTopology:
+    """The layout of ``model.parallel`` on ``world_size`` ranks (raises on an impossible one).
+    One process holds the single-process network whichever is asked for.
+
+    >>> topology_for("hybrid", 4, 1), topology_for("hybrid", 4, 8)
+    (Topology(world_size=1), HybridTopology(world_size=8, size=4))
+    """
+    if parallel == "hybrid" and world_size > 1:
+        return HybridTopology(world_size, hybrid_size)
+    return Topology(world_size)

@@ -69,7 +69,8 @@ class Trainer:
         """The world a checkpoint was written in: reported when a resume runs in another."""
         topology, t = self.groups.topology, self.cfg.train
         return dict(world_size=topology.world_size, data_parallel_size=topology.data_parallel_size,
-                    global_batch=self.global_batch, zero_stage=t.zero_stage, precision=t.precision)
+                    global_batch=self.global_batch, zero_stage=t.zero_stage, precision=t.precision,
+                    parallel=self.cfg.model.parallel if topology.world_size > 1 else "towers")
 
     def _state(self) -> dict:
         """The loop's state, in tensors and plain values only, so the checkpoint's files
@@ -123,6 +124,7 @@ class Trainer:
         """One line on what differs between the checkpoint's layout (``was``, its meta) and this
         run's, or ""."""
         now = self.layout()
+        was = {"parallel": "towers", **was}  # checkpoints from before the hybrid layout
         ranks = lambda n: "1 process" if n == 1 else f"{n} ranks"  # noqa: E731
         changes = []
         if was.get("data_parallel_size") != now["data_parallel_size"]:
@@ -131,7 +133,7 @@ class Trainer:
         if was.get("global_batch") != now["global_batch"]:
             changes.append(f"{now['global_batch']} images per step instead of {was.get('global_batch')} (set "
                            f"train.global_batch_size to keep it){f', {repeated} images seen again' if repeated else ''}")
-        for key, what in (("zero_stage", "ZeRO stage"), ("precision", "precision")):
+        for key, what in (("zero_stage", "ZeRO stage"), ("precision", "precision"), ("parallel", "model.parallel")):
             if was.get(key) != now[key]:
                 changes.append(f"{what} {now[key]} instead of {was.get(key)}")
         if data["num_samples"] != self.parts.feed.num_samples:
@@ -144,9 +146,10 @@ class Trainer:
 
     def save(self, best: bool = False) -> None:
         """A checkpoint of this step: every rank reads its towers out of the engine (collective
-        under ZeRO), the ranks of replica 0 write them."""
+        under ZeRO, and over a hybrid group), the ranks of replica 0 write them (in the hybrid
+        layout rank 0 alone)."""
         towers = read_towers(self.engine, self.parts.optimizer)
-        mine = towers if self.groups.replica == 0 else {}
+        mine = towers if self.groups.writes_towers else {}
         self.parts.checkpoints.save(self.step, mine, self._state(), {**self.network(), **self.layout()}, best)
 
     def close(self) -> None:
@@ -181,7 +184,8 @@ class Trainer:
             x, y = next(batches)
             waited += time.perf_counter() - t0
             self.engine.module.reseed_dropout(self.cfg.train.seed, self.groups.replica, self.step * accum + micro)
-            loss = F.cross_entropy(self.engine(x.contiguous(memory_format=self.memory_format)).float(), y)
+            logits = self.engine(x.contiguous(memory_format=self.memory_format)).float()
+            loss = F.cross_entropy(logits, self.groups.targets(y))
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from alexnet_dist.hybrid import HybridAlexNet
 from tests.launch import REPO
 
 TINY = ["model.width_mult=0.125", "data.image_size=64", "data.resize=72", "train.micro_batch_size=8",
@@ -32,7 +33,7 @@ def _bench(what: str, tmp_path, *extra: str) -> dict:
 def test_bench_model_with_baselines_and_the_exchanges_overlapped(tmp_path):
     result = _bench("model", tmp_path, "--baseline", "--set", "train.exchange_chunks=2")
     assert result["baseline_images_per_sec"] > 0
-    assert set(result["variants"]) == {"tower_parallel", "tower_parallel_no_overlap", "single_process",
+    assert set(result["variants"]) == {"tower_parallel", "tower_parallel_no_overlap", "single_process", "hybrid",
                                        "ddp_torchvision", "pipeline_deepspeed"}
     overlapped, blocking = (result["variants"][v]["images_per_sec"]
                             for v in ("tower_parallel", "tower_parallel_no_overlap"))
@@ -46,6 +47,12 @@ def test_bench_model_with_baselines_and_the_exchanges_overlapped(tmp_path):
     waits = result["variants"]["tower_parallel"]["exchange_wait_share_by_name"]
     assert {"conv3", "fc6", "fc7", "fc8", "logits", "conv3.grad", "fc6.grad"} <= set(waits)
     assert 0 <= result["variants"]["tower_parallel"]["exchange_wait_share"] < 1
+    # hybrid, one group of 2 ranks: per image of the group, the towers' fc6, fc7, fc8 and logits
+    # exchanges (no conv3), plus the convolutions' gradient all-reduced once per step (8 images)
+    towers, hybrid = (result["variants"][v]["exchange_bytes_by_name"] for v in ("tower_parallel", "hybrid"))
+    assert {k: v for k, v in hybrid.items() if k != "conv.grad"} == {k: v for k, v in towers.items() if "conv3" not in k}
+    convs = sum(p.numel() for p in HybridAlexNet(1000, 0.125, part=0, parts=2).towers.parameters())
+    assert hybrid["conv.grad"] == 4 * convs / 8
 
 
 def test_bench_model_one_rank_holds_both_towers(tmp_path):

@@ -122,15 +122,11 @@ def test_kill_9_of_a_rank_fails_fast_naming_it_and_resume_loses_at_most_the_step
     _assert_resumes_like_the_reference(run, cache, reference, done)
 
 
-@pytest.mark.slow
-@pytest.mark.cluster
-@pytest.mark.timeout(420)
-def test_sigterm_to_the_launcher_group_checkpoints_then_exits_and_resume_continues(reference, cache, tmp_path):
-    """What a scheduler does on preemption or ``scancel``. DeepSpeed's launcher forwards
-    SIGTERM to its ranks and SIGKILLs them 30 s later; the ranks stop at the next log
-    boundary (run.log_every=1 here), checkpoint, and exit."""
-    run = tmp_path / "run"
-    job = Job.train("deepspeed", 2, run, cache, *FAULT_SETS, LONG)
+def _stopped_by_sigterm(launcher: str, run: Path, cache: Path) -> tuple[str, int]:
+    """A long 2-rank job under ``launcher``, SIGTERM to its process group once it trains (what
+    a scheduler sends), every process gone within DEADLINE: (its output, the step it
+    checkpointed at)."""
+    job = Job.train(launcher, 2, run, cache, *FAULT_SETS, LONG)
     try:
         wait_for_steps(run)
         wait_for_ranks(2, launcher_pid=job.pid)
@@ -143,7 +139,18 @@ def test_sigterm_to_the_launcher_group_checkpoints_then_exits_and_resume_continu
     out = job.output()
     m = re.search(r"stop requested: checkpoint at step (\d+), then exit", out)
     assert m, out[-4000:]
-    stopped = int(m.group(1))
+    return out, int(m.group(1))
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.timeout(420)
+def test_sigterm_to_the_launcher_group_checkpoints_then_exits_and_resume_continues(reference, cache, tmp_path):
+    """What a scheduler does on preemption or ``scancel``. DeepSpeed's launcher forwards
+    SIGTERM to its ranks and SIGKILLs them 30 s later; the ranks stop at the next log
+    boundary (run.log_every=1 here), checkpoint, and exit."""
+    run = tmp_path / "run"
+    out, stopped = _stopped_by_sigterm("deepspeed", run, cache)
     assert not error_lines(out), out[-4000:]
     assert Checkpoints(run).newest().name == Checkpoints.tag(stopped)
     assert max(metric_steps(run)) == stopped  # nothing trained past the checkpoint
@@ -289,17 +296,7 @@ def test_torchrun_restarts_a_job_whose_rank_was_killed_and_it_resumes_with_the_u
 @pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
 def test_sigterm_under_torchrun_and_mpirun_checkpoints_then_exits(launcher, cache, tmp_path):
     run = tmp_path / "run"
-    job = Job.train(launcher, 2, run, cache, *FAULT_SETS, LONG)
-    try:
-        wait_for_steps(run)
-        os.killpg(job.pid, signal.SIGTERM)
-        sent = time.monotonic()
-        job.wait(DEADLINE)
-        wait_until_gone(job.group_alive, sent, DEADLINE)
-    finally:
-        job.kill()
-    out = job.output()
-    stopped = int(re.search(r"stop requested: checkpoint at step (\d+), then exit", out)[1])
+    out, stopped = _stopped_by_sigterm(launcher, run, cache)
     assert Checkpoints(run).newest().name == Checkpoints.tag(stopped) and max(metric_steps(run)) == stopped
     assert not error_lines(out), out[-4000:]
 

@@ -7,6 +7,10 @@ Variants, each on its own freshly spawned ranks, at the same global batch:
   that is above 1 (every exchange waited for at once), and ``overlap_on_vs_off``, the
   median over rounds of the first's images/s over the second's;
 * ``single_process``: both towers in one process (the reference layout);
+* ``hybrid`` (an even number of ranks): ``model.parallel: hybrid`` in groups of
+  ``model.hybrid_size`` ranks (of all the ranks when that does not divide them), each rank
+  its share of the global batch; ``exchange_bytes_per_step`` is what one rank sends per
+  step, the convolutions' gradient sum over the group included;
 * ``ddp_torchvision`` (``--baseline``): torchvision's single-tower AlexNet under plain DDP,
   the global batch split over the ranks (all-reduces every gradient each step);
 * ``pipeline_deepspeed`` (``--baseline``, 2 ranks or more): the paper's network as one
@@ -38,9 +42,11 @@ from alexnet_dist.bench.timing import (bench_device, median_round, on_ranks, rou
                                        write_rank_result)
 from alexnet_dist.config import Config, torch_dtype
 from alexnet_dist.exchanges import EXCHANGE_COUNTER
-from alexnet_dist.groups import TowerGroups
+from alexnet_dist.groups import HybridGroups, TowerGroups
+from alexnet_dist.hybrid import HybridAlexNet
 from alexnet_dist.metrics import quiet_stdout
 from alexnet_dist.model import POOLED, AlexNet, LocalResponseNorm, memory_format_for, tower_widths
+from alexnet_dist.topology import HybridTopology
 
 __all__ = [
     "bench_model", "grouped_alexnet_layers", "matmul_peak_tflops", "numerics_check", "project_variant", "run_variant",
@@ -92,14 +98,37 @@ def _tower_parallel(rank: int, world: int, cfg: Config, num_classes: int, steps:
     x, y = _batch(cfg, per_replica, num_classes, seed=g.replica)  # both towers of a replica: same images
     step = _sgd_step(model, _sgd(model, cfg), x, y)
     times = time_steps(step, steps, warmup, bench_device(), after_warmup=EXCHANGE_COUNTER.reset)
-    sent = {k: v for k, v in EXCHANGE_COUNTER.bytes_sent.items()}
-    images = per_replica * steps
-    _finish(rank, times, per_replica * g.topology.data_parallel_size, out, dict(
+    _finish(rank, times, per_replica * g.topology.data_parallel_size, out, _exchanges(times, per_replica, steps))
+
+
+def _exchanges(times: list[float], images_per_step: int, steps: int) -> dict[str, Any]:
+    """What this rank sent since the warm-up, per image of its replica (or group) and per step."""
+    sent = dict(EXCHANGE_COUNTER.bytes_sent)
+    images = images_per_step * steps
+    return dict(
         exchange_bytes_per_image=sum(sent.values()) / images,
+        exchange_bytes_per_step=sum(sent.values()) / steps,
         exchange_wait_share=sum(EXCHANGE_COUNTER.seconds_waiting.values()) / sum(times),
         exchange_wait_share_by_name={k: v / sum(times) for k, v in EXCHANGE_COUNTER.seconds_waiting.items()},
         exchange_bytes_by_name={k: v / images for k, v in sent.items()},
-    ))
+    )
+
+
+def hybrid_size(cfg: Config, ranks: int) -> int:
+    """The hybrid variant's group: ``model.hybrid_size`` where it divides the ranks, else all of them."""
+    return cfg.model.hybrid_size if ranks % cfg.model.hybrid_size == 0 else ranks
+
+
+def _hybrid(rank: int, world: int, cfg: Config, num_classes: int, steps: int, warmup: int, out: Path) -> None:
+    g = HybridGroups(HybridTopology(world, hybrid_size(cfg, world)), rank)
+    model = _prepare(HybridAlexNet(num_classes, cfg.model.width_mult, cfg.model.dropout, cfg.model.init,
+                                   group=g.hybrid_group, seed=0), cfg)
+    global_batch = cfg.train.micro_batch_size * max(1, world // 2)  # the tower-parallel run's
+    x, y = _batch(cfg, global_batch // world, num_classes, seed=rank)
+    step = _sgd_step(model, _sgd(model, cfg), x, g.targets(y))
+    times = time_steps(step, steps, warmup, bench_device(), after_warmup=EXCHANGE_COUNTER.reset)
+    group_images = global_batch // world * g.topology.size
+    _finish(rank, times, global_batch, out, _exchanges(times, group_images, steps))
 
 
 def _ddp_torchvision(rank: int, world: int, cfg: Config, num_classes: int, steps: int, warmup: int, out: Path) -> None:
@@ -184,6 +213,7 @@ def _pipeline_deepspeed(rank: int, world: int, cfg: Config, num_classes: int, st
 VARIANTS = {
     "tower_parallel": _tower_parallel,
     "single_process": _tower_parallel,
+    "hybrid": _hybrid,
     "ddp_torchvision": _ddp_torchvision,
     "pipeline_deepspeed": _pipeline_deepspeed,
 }
@@ -199,7 +229,7 @@ def project_variant(ranks: int) -> str:
 
 
 def _variant_names(ranks: int, baseline: bool) -> list[str]:
-    names = ["tower_parallel", "single_process"] if ranks > 1 else ["single_process"]
+    names = ["tower_parallel", "single_process", "hybrid"] if ranks > 1 else ["single_process"]
     if baseline:
         names += ["ddp_torchvision"] + (["pipeline_deepspeed"] if ranks > 1 else [])
     return names
