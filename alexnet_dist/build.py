@@ -92,7 +92,8 @@ def _feeds(cfg: Config, groups: TowerGroups | HybridGroups, device: torch.device
             image_size=cfg.data.image_size,
         ), None
     train_images, val_images = shared_from_rank0(lambda: prepare_images(cfg), USER_ERRORS)
-    common = dict(device=device, dtype=dtype, image_size=cfg.data.image_size, resize=cfg.data.resize)
+    common = dict(device=device, dtype=dtype, image_size=cfg.data.image_size, resize=cfg.data.resize,
+                  decode_ahead=cfg.data.decode_ahead)
     feed = TrainFeed(
         train_images, micro_batch_size=t.micro_batch_size, seed=t.seed, augment=cfg.data.augment,
         eigen=load_eigen(cfg.data.pca), num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, **place,

@@ -48,12 +48,15 @@ class DataConfig:
     ten_crop_eval: bool = False  # evaluate with the paper's 10 views instead of the centre crop
     num_threads: int = 2  # DALI CPU threads per rank
     prefetch: int = 2  # DALI prefetch queue depth
+    decode_ahead: int = 0  # batches read and decoded ahead on a worker thread per feed; 0: on the training thread
     scan: bool = True  # check every file decodes before training (cached)
     cache_dir: str = "~/.cache/alexnet-dist"  # demo data set and scan cache
     synthetic: bool = False  # generated batches, no files and no DALI (smoke tests, throughput); no validation
 
     def validate(self) -> None:
         _positive(self, "image_size", "resize", "num_threads", "prefetch")
+        if self.decode_ahead < 0:
+            raise ConfigError(f"data.decode_ahead must be at least 0, got {self.decode_ahead}")
         if self.resize < self.image_size:
             raise ConfigError(f"data.resize ({self.resize}) must be at least data.image_size ({self.image_size})")
 

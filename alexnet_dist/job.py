@@ -104,6 +104,13 @@ def _stop_on_signals() -> threading.Event:
 
 def _run(cfg: Config, device: torch.device, stop: threading.Event) -> None:
     trainer = Trainer(build(cfg, device), stop)
+    try:
+        _drive(cfg, trainer)
+    finally:
+        trainer.close()  # the feeds' workers stop, whether the run ended or failed
+
+
+def _drive(cfg: Config, trainer: Trainer) -> None:
     trainer.resume()
     shared_from_rank0(lambda: _write_resolved_config(cfg), USER_ERRORS)  # only once the resume was accepted
     if cfg.run.evaluate_only:

@@ -6,7 +6,9 @@ step)`` alone. With one tower per rank (``pair_size`` 2), pair rank ``p`` decode
 pair-rank order, so both towers hold the same bytes, and the batch equals what one
 process holding both towers decodes (``pair_size`` 1, where ``gather`` is the
 identity). The PCA colour noise and the normalisation follow on the device, in
-float32, cast to ``dtype`` last.
+float32, cast to ``dtype`` last. With ``decode_ahead`` > 0 the reads and DALI's work
+run that many batches ahead on a worker thread per feed; the gather (a collective) and
+the normalisation stay on the caller's thread, in order, so the batches are the same.
 
 The package knows nothing of process groups: the trainer hands the feeds its pair's
 all-gather (:func:`alexnet_dist.exchanges.gather_batch` bound to the pair's group).
@@ -14,6 +16,7 @@ all-gather (:func:`alexnet_dist.exchanges.gather_batch` bound to the pair's grou
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import re
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data_pipeline.ahead import Ahead
 from data_pipeline.errors import DataError
 from data_pipeline.folder import name_some
 from data_pipeline.eigen import load_eigen
@@ -66,7 +70,7 @@ class _Feed:
 
     def __init__(self, images: ImageSet, *, pair_rank: int, pair_size: int, gather: Gather | None,
                  device: torch.device, dtype: torch.dtype, image_size: int, resize: int, num_threads: int,
-                 prefetch: int) -> None:
+                 prefetch: int, decode_ahead: int) -> None:
         if pair_size not in (1, 2) or not 0 <= pair_rank < pair_size:
             raise ValueError(f"pair rank {pair_rank} of {pair_size}: a pair holds 1 or 2 ranks")
         if pair_size > 1 and gather is None:
@@ -76,12 +80,16 @@ class _Feed:
         self.device, self.dtype = torch.device(device), dtype
         self.image_size, self.resize = image_size, resize
         self._pipeline_args = {"num_threads": num_threads, "prefetch_queue_depth": prefetch}
+        if decode_ahead < 0:
+            raise ValueError(f"decode_ahead {decode_ahead}: batches decoded ahead cannot be fewer than 0")
+        self.decode_ahead = decode_ahead
         self._pipelines = load_dali()
         self._scale = torch.tensor(1 / IMAGENET_STD, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._active: Generator | None = None
 
     def close(self) -> None:
-        """End the running pass, freeing its DALI pipeline (threads and buffers)."""
+        """End the running pass: its decoding worker, if any, stops and its DALI pipeline
+        (threads and buffers) is freed."""
         if self._active is not None:
             self._active.close()
             self._active = None
@@ -106,6 +114,46 @@ class _Feed:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         return graph(batches, gpu=gpu, image_size=self.image_size, resize=self.resize, batch_size=max_batch,
                      device_id=device_id, **self._pipeline_args, **graph_args)
+
+    def _decoded(self, graph, encoded: Iterator, names: Iterator[list[str]], max_batch: int,
+                 **graph_args) -> Generator[Tensor]:
+        """This rank's uint8 part of each batch: a DALI pipeline of ``graph`` over ``encoded``,
+        opened at the first batch; ``names`` are each batch's samples, for the error."""
+        pipe = self._open(graph, encoded, max_batch, **graph_args)
+        for batch_names in names:
+            yield self._decode(pipe, batch_names)
+
+    @contextlib.contextmanager
+    def _decoding(self, decoded: Generator[Tensor]) -> Generator[Iterator[Tensor]]:
+        """``decoded``, made ``decode_ahead`` batches ahead on a worker thread (0: here, batch
+        by batch); the worker stopped and the pipeline freed on leaving."""
+        if not self.decode_ahead:
+            with contextlib.closing(decoded):
+                yield decoded
+            return
+        name = f"{type(self).__name__} decode ahead"
+        with Ahead(self._complete(decoded), self.decode_ahead, name) as ahead:
+            yield map(self._received, ahead)
+
+    def _complete(self, decoded: Generator[Tensor]) -> Generator[Tensor]:
+        """On the worker thread: ``decoded``, each batch complete when handed over. On a GPU
+        DALI's output is copied on a stream of the worker's own, waited for before the next
+        ``run`` (which may reuse the output's memory) and before the hand-over."""
+        if self.device.type != "cuda":
+            yield from decoded
+            return
+        side = torch.cuda.Stream(self.device)
+        with contextlib.closing(decoded), torch.cuda.stream(side):  # the worker thread's current stream
+            for local in decoded:
+                side.synchronize()
+                yield local
+
+    def _received(self, local: Tensor) -> Tensor:
+        """On the caller's thread: a batch from the worker, whose memory (allocated on the
+        worker's stream) must not be reused before the caller's stream is done with it."""
+        if local.is_cuda:
+            local.record_stream(torch.cuda.current_stream(self.device))
+        return local
 
     def _decode(self, pipe, names: list[str]) -> Tensor:
         """``pipe``'s next batch (whose samples are ``names``) as a uint8 tensor on the device."""
@@ -155,7 +203,8 @@ class TrainFeed(_Feed):
     def __init__(self, images: ImageSet, *, micro_batch_size: int, seed: int, augment: bool, replica: int,
                  num_replicas: int, pair_rank: int, pair_size: int, gather: Gather | None = None,
                  device: torch.device, dtype: torch.dtype, image_size: int = 224, resize: int = 256,
-                 eigen: Eigen | None = None, num_threads: int = 2, prefetch: int = 2, roi_decode: bool = True) -> None:
+                 eigen: Eigen | None = None, num_threads: int = 2, prefetch: int = 2, roi_decode: bool = True,
+                 decode_ahead: int = 0) -> None:
         if micro_batch_size % pair_size:
             raise DataError(
                 f"train.micro_batch_size ({micro_batch_size}) must be even: each tower of a pair decodes half"
@@ -169,7 +218,8 @@ class TrainFeed(_Feed):
                 f"batch ({micro_batch_size} per replica x {num_replicas} replicas)"
             )
         super().__init__(images, pair_rank=pair_rank, pair_size=pair_size, gather=gather, device=device,
-                         dtype=dtype, image_size=image_size, resize=resize, num_threads=num_threads, prefetch=prefetch)
+                         dtype=dtype, image_size=image_size, resize=resize, num_threads=num_threads, prefetch=prefetch,
+                         decode_ahead=decode_ahead)
         self.micro_batch_size, self.seed, self.augment = micro_batch_size, seed, augment
         self.replica, self.num_replicas, self.roi_decode = replica, num_replicas, roi_decode
         self.steps_per_epoch = len(images) // global_batch
@@ -189,14 +239,15 @@ class TrainFeed(_Feed):
         order = epoch_permutation(len(self.images), self.seed, epoch)
         aug = draw_augmentation(len(self.images), self.seed, epoch, self.augment)
         steps = range(start_step, self.steps_per_epoch)
-        pipe = self._open(self._pipelines.train_pipeline, self._encoded(order, aug, steps),
-                          self.micro_batch_size // self.pair_size, roi_decode=self.roi_decode)
-        for step in steps:
-            positions = self._positions(step)
-            local = self._decode(pipe, self._names(order[self._mine(positions)]))
-            batch = self.gather(local)
-            shift = 255 * pca_shift(aug.alpha[positions], self.eigval, self.eigvec)
-            yield self._normalise(batch, shift), self._labels(order[positions])
+        names = (self._names(order[self._mine(self._positions(step))]) for step in steps)
+        decoded = self._decoded(self._pipelines.train_pipeline, self._encoded(order, aug, steps), names,
+                                self.micro_batch_size // self.pair_size, roi_decode=self.roi_decode)
+        with self._decoding(decoded) as halves:
+            for step, local in zip(steps, halves):
+                positions = self._positions(step)
+                batch = self.gather(local)  # a collective: here, on the caller's thread, in step order
+                shift = 255 * pca_shift(aug.alpha[positions], self.eigval, self.eigvec)
+                yield self._normalise(batch, shift), self._labels(order[positions])
 
     def _positions(self, step: int) -> np.ndarray:
         return replica_positions(step, self.micro_batch_size, self.replica, self.num_replicas)
@@ -224,11 +275,12 @@ class ValFeed(_Feed):
     def __init__(self, images: ImageSet, *, batch_size: int, replica: int, num_replicas: int, pair_rank: int,
                  pair_size: int, gather: Gather | None = None, device: torch.device, dtype: torch.dtype,
                  image_size: int = 224, resize: int = 256, views: int = 1, num_threads: int = 2,
-                 prefetch: int = 2) -> None:
+                 prefetch: int = 2, decode_ahead: int = 0) -> None:
         if views not in (1, 10):
             raise ValueError(f"views must be 1 (centre crop) or 10 (corners, centre and their mirrors), got {views}")
         super().__init__(images, pair_rank=pair_rank, pair_size=pair_size, gather=gather, device=device,
-                         dtype=dtype, image_size=image_size, resize=resize, num_threads=num_threads, prefetch=prefetch)
+                         dtype=dtype, image_size=image_size, resize=resize, num_threads=num_threads, prefetch=prefetch,
+                         decode_ahead=decode_ahead)
         self.batch_size, self.views = batch_size, views
         self._indices = np.arange(len(images))[replica::num_replicas]
         self.num_images = len(self._indices)
@@ -241,14 +293,15 @@ class ValFeed(_Feed):
         chunks = [self._indices[i:i + self.batch_size] for i in range(0, self.num_images, self.batch_size)]
         max_half = math.ceil(self.batch_size / self.pair_size)
         encoded = (self._read(self._mine(chunk)) for chunk in chunks)
-        pipe = self._open(self._pipelines.val_pipeline, encoded, max_half, views=self.views)
+        names = (self._names(self._mine(chunk)) for chunk in chunks)
+        decoded = self._decoded(self._pipelines.val_pipeline, encoded, names, max_half, views=self.views)
         no_shift = np.zeros((1, 3))
-        for chunk in chunks:
-            local = self._decode(pipe, self._names(self._mine(chunk)))
-            local = local.view(-1, 3, self.image_size, self.image_size)
-            # Full halves come first, so the real images are the first n (times views) rows.
-            batch = self.gather(local)[: len(chunk) * self.views]
-            yield self._normalise(batch, no_shift), self._labels(chunk)
+        with self._decoding(decoded) as halves:
+            for chunk, local in zip(chunks, halves):
+                local = local.view(-1, 3, self.image_size, self.image_size)
+                # Full halves come first, so the real images are the first n (times views) rows.
+                batch = self.gather(local)[: len(chunk) * self.views]
+                yield self._normalise(batch, no_shift), self._labels(chunk)
 
     def _mine(self, chunk: np.ndarray) -> np.ndarray:
         """This rank's part of ``chunk``: its first or second half, padded with the chunk's last image

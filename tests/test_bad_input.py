@@ -49,6 +49,7 @@ def _one_error(result: subprocess.CompletedProcess, *needles: str) -> str:
     (["--set", "train=5"], "must be a mapping, got 5"),
     (["--set", "data.on_bad_file=maybe"], "data.on_bad_file must be one of 'error', 'skip'; got 'maybe'"),
     (["--set", "train.max_steps=[1"], "value is not valid YAML"),
+    (["--set", "data.decode_ahead=-1"], "data.decode_ahead must be at least 0, got -1"),
     (["--config", "/no/such/config.yaml"], "cannot read config file /no/such/config.yaml"),
 ])
 def test_config_mistakes_are_one_line(argv, message, capsys):

@@ -29,18 +29,20 @@ def _data(tmp_path, form: str, per_class: dict[str, int]) -> str:
     return str(tmp_path / "packed")
 
 
-def _feeds(root: str, micro: int, val_batch: int, views: int):
+def _feeds(root: str, micro: int, val_batch: int, views: int, decode_ahead: int = 0):
     """This rank's train and val feeds over the numbered samples of ``root`` (label = sample index)."""
     groups = TowerGroups.from_world()
     layout = dict(replica=groups.replica, num_replicas=groups.topology.data_parallel_size,
                   pair_rank=groups.pair_rank, pair_size=groups.topology.tower_parallel_size,
                   gather=groups.gather_batch)
     ids = numbered(open_images(root))
-    return train_feed(ids, micro_batch_size=micro, **layout), val_feed(ids, batch_size=val_batch, views=views, **layout)
+    return (train_feed(ids, micro_batch_size=micro, decode_ahead=decode_ahead, **layout),
+            val_feed(ids, batch_size=val_batch, views=views, decode_ahead=decode_ahead, **layout))
 
 
-def _record(rank: int, world_size: int, root: str, out: str, micro: int, val_batch: int, views: int) -> None:
-    train, val = _feeds(root, micro, val_batch, views)
+def _record(rank: int, world_size: int, root: str, out: str, micro: int, val_batch: int, views: int,
+            decode_ahead: int = 0) -> None:
+    train, val = _feeds(root, micro, val_batch, views, decode_ahead)
     opened = record_opens(root)
     record = {"train": [(x, y) for epoch in (0, 1) for x, y in train.epoch(epoch)]}
     record["opened_in_training"] = list(opened)
@@ -63,10 +65,11 @@ def _check_opened(form: str, root: str, rank: dict, decoded_in_training: int) ->
         assert set(rank["opened"]) <= shards and len(rank["opened"]) == len(set(rank["opened"])) > 0
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_pair_batches_are_bit_identical_and_equal_one_process(tmp_path, form):
+@pytest.mark.parametrize("form, decode_ahead", [("folder", 0), ("packed", 0), ("folder", 2)])
+def test_pair_batches_are_bit_identical_and_equal_one_process(tmp_path, form, decode_ahead):
+    """Also with the ranks decoding ahead on worker threads: one process without gives the same batches."""
     root = _data(tmp_path, form, {"a": 9, "b": 8})
-    run_ranks(2, _record, root, str(tmp_path), 6, 5, 10)
+    run_ranks(2, _record, root, str(tmp_path), 6, 5, 10, decode_ahead)
     rank0, rank1 = _load(str(tmp_path), 2)
     ids = numbered(open_images(root))
     single = [(x, y) for epoch in (0, 1) for x, y in train_feed(ids, micro_batch_size=6).epoch(epoch)]

@@ -102,6 +102,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     if "end_to_end_vs_model_only" in result:
         lines.append(f"\nend to end / model only: {result['end_to_end_vs_model_only']:.2f}x; the input's share of "
                      f"the CPU: {100 * result['input_cpu_share']:.0f} %")
+        taking = result["variants"]["end_to_end"]
+        lines.append(f"the training thread taking a step's batches: {taking['input_thread_cpu_ms_per_step']:.1f} ms "
+                     f"of CPU, {100 * taking['data_wait_share']:.0f} % of the step's time")
     if "model_only_vs_plain_loop" in result:
         lines.append(f"DeepSpeed's training step / plain loop: {result['model_only_vs_plain_loop']:.2f}x")
     if "startup_s" in result:

@@ -86,7 +86,8 @@ def bench_data(cfg: Config, baseline: bool, steps: int, warmup: int, rounds: int
     for _ in range(rounds):
         if not missing:
             runs["dali"].append(measure_pipeline(images, augment=cfg.data.augment, num_threads=cfg.data.num_threads,
-                                                   prefetch=cfg.data.prefetch, device=device, **common))
+                                                   prefetch=cfg.data.prefetch, decode_ahead=cfg.data.decode_ahead,
+                                                   device=device, **common))
         if baseline:
             runs["torchvision_dataloader"].append(measure_torchvision_baseline(images, **common))
             runs["torchvision_decode_jpeg"].append(measure_torchvision_decode_jpeg(images, device=device, **common))
@@ -163,16 +164,18 @@ def _bytes_read() -> int:
 
 def measure_pipeline(images: ImageSet, *, batch_size: int, steps: int, warmup: int, augment: bool = True,
                      num_threads: int = 2, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                     prefetch: int = 2, roi_decode: bool = True, image_size: int = 224, resize: int = 256) -> dict:
+                     prefetch: int = 2, roi_decode: bool = True, image_size: int = 224, resize: int = 256,
+                     decode_ahead: int = 0) -> dict:
     """Images/s of :class:`TrainFeed` (one process, both towers) over ``images``."""
     device = torch.device(device)
     feed = TrainFeed(images, micro_batch_size=batch_size, seed=0, augment=augment, replica=0, num_replicas=1,
                      pair_rank=0, pair_size=1, device=device, dtype=dtype, image_size=image_size, resize=resize,
-                     num_threads=num_threads, prefetch=prefetch, roi_decode=roi_decode)
+                     num_threads=num_threads, prefetch=prefetch, roi_decode=roi_decode, decode_ahead=decode_ahead)
     with feed:
         batches = (x for epoch in itertools.count() for x, _ in feed.epoch(epoch))
         result = _time_batches(batches, batch_size, steps, warmup, device, _process_cpu_seconds)
-    return {"what": "dali", "num_threads": num_threads, "prefetch": prefetch, "roi_decode": roi_decode, **result}
+    return {"what": "dali", "num_threads": num_threads, "prefetch": prefetch, "roi_decode": roi_decode,
+            "decode_ahead": decode_ahead, **result}
 
 
 def measure_torchvision_baseline(images: ImageSet, *, batch_size: int, steps: int, warmup: int,

@@ -11,7 +11,10 @@ Three variants, alternated over rounds:
   DeepSpeed's engine costs.
 
 Each rank also counts its process's CPU seconds per step (DALI's threads included):
-the input's share of the CPU is ``1 - model_only / end_to_end`` of those.
+the input's share of the CPU is ``1 - model_only / end_to_end`` of those; and the CPU
+its training thread spends taking each micro batch (``input_thread_cpu_ms_per_step``:
+whatever of the read, decode, gather and normalisation runs there; ``data.decode_ahead``
+moves the read and decode to a worker thread), which other load on the machine barely moves.
 
 Where DALI does not import (a GPU machine without its wheel), ``model_only`` runs on a
 ``data.synthetic`` batch and ``plain_loop`` beside it; ``images_per_sec`` is then 0 and
@@ -25,6 +28,7 @@ import itertools
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,7 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, i
     if in_memory:
         batches = itertools.repeat(next(batches))  # one real batch, again and again
         trainer.close()  # DALI's threads stop
+    batches = _ThreadCPU(batches)
     waits: list[float] = []
     cpu_start = 0.0
 
@@ -58,6 +63,7 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, i
     def reset() -> None:
         nonlocal cpu_start
         waits.clear()
+        batches.seconds = 0.0
         EXCHANGE_COUNTER.reset()
         cpu_start = time.process_time()  # every thread of this rank, DALI's included
 
@@ -69,12 +75,30 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, warmup: int, i
         summarise(times, trainer.global_batch),
         data_wait_share=sum(waits) / sum(times),
         cpu_seconds_per_step=cpu / steps,
+        input_thread_cpu_ms_per_step=1e3 * batches.seconds / steps,
         exchange_wait_share=sum(v for k, v in EXCHANGE_COUNTER.seconds_waiting.items() if k != "input") / sum(times),
         exchange_bytes_per_image=model_bytes / images,
         input_gather_bytes_per_image=EXCHANGE_COUNTER.bytes_sent.get("input", 0) / images,
         num_classes=trainer.num_classes,
     )
     write_rank_result(rank, out, result)
+
+
+class _ThreadCPU:
+    """``batches``, counting the CPU seconds the calling thread spends in each ``next``."""
+
+    def __init__(self, batches: Iterator) -> None:
+        self.batches, self.seconds = batches, 0.0
+
+    def __iter__(self) -> _ThreadCPU:
+        return self
+
+    def __next__(self):
+        start = time.thread_time()
+        try:
+            return next(self.batches)
+        finally:
+            self.seconds += time.thread_time() - start
 
 
 def _trainer_run(cfg: Config, ranks: int, steps: int, warmup: int, in_memory: bool) -> dict[str, Any]:
