@@ -15,6 +15,7 @@ logits it computes (:meth:`~TowerGroups.targets`), which towers' checkpoint file
 from __future__ import annotations
 
 import datetime
+from typing import NamedTuple
 
 import torch.distributed as dist
 from torch import Tensor
@@ -54,7 +55,46 @@ def groups_for(parallel: str, hybrid_size: int, timeout_s: float | None = None) 
     return TowerGroups(topology, rank, timeout_s)
 
 
-class TowerGroups:
+class Place(NamedTuple):
+    """A rank's place in a set of groups: its rank in its group, the group's size, the group."""
+
+    rank: int
+    size: int
+    group: dist.ProcessGroup | None
+
+
+class _DeepSpeedMpu:
+    """DeepSpeed's ``mpu`` interface over a layout's groups. A layout sets ``model_parallel``
+    (this rank's place among the ranks splitting one network: rank, size, group) and
+    ``data_parallel`` (among the ranks holding the same weights)."""
+
+    model_parallel: Place
+    data_parallel: Place
+
+    def get_model_parallel_rank(self) -> int:
+        return self.model_parallel.rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.model_parallel.size
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup | None:
+        return self.model_parallel.group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.data_parallel.rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.data_parallel.size
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup | None:
+        return self.data_parallel.group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+
+class TowerGroups(_DeepSpeedMpu):
     """This rank's place in the layout and its process groups.
 
     Groups of one member are real groups too: DeepSpeed reads ``None`` as "the whole
@@ -78,6 +118,9 @@ class TowerGroups:
             [topology.data_parallel_ranks(p) for p in range(topology.tower_parallel_size)],
             topology.data_parallel_ranks(self.pair_rank), timeout,
         )
+        # "model parallel" to DeepSpeed: the towers of one replica
+        self.model_parallel = Place(self.pair_rank, topology.tower_parallel_size, self.pair_group)
+        self.data_parallel = Place(self.replica, topology.data_parallel_size, self.data_group)
 
     @classmethod
     def from_world(cls, timeout_s: float | None = None) -> TowerGroups:
@@ -103,32 +146,8 @@ class TowerGroups:
         """The labels of this rank's logits: its replica's batch, already here."""
         return y
 
-    # ---- DeepSpeed's mpu interface: "model parallel" = the towers of one replica.
 
-    def get_model_parallel_rank(self) -> int:
-        return self.pair_rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.topology.tower_parallel_size
-
-    def get_model_parallel_group(self) -> dist.ProcessGroup | None:
-        return self.pair_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.replica
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.topology.data_parallel_size
-
-    def get_data_parallel_group(self) -> dist.ProcessGroup | None:
-        return self.data_group
-
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
-
-
-class HybridGroups:
+class HybridGroups(_DeepSpeedMpu):
     """This rank's place in the hybrid layout (:class:`~alexnet_dist.topology.HybridTopology`):
     its group (DeepSpeed's "model-parallel" group: the ranks sharing one classifier) and the
     ranks holding the same share in every group (the data-parallel group, over which
@@ -148,6 +167,9 @@ class HybridGroups:
                                    topology.group_ranks(self.replica), timeout)
         self.data_group = _build([topology.data_parallel_ranks(j) for j in range(topology.size)],
                                  topology.data_parallel_ranks(self.slice), timeout)
+        # "model parallel" to DeepSpeed: the group splitting one classifier
+        self.model_parallel = Place(self.slice, topology.size, self.hybrid_group)
+        self.data_parallel = Place(self.replica, topology.data_parallel_size, self.data_group)
 
     def train_input(self) -> dict:
         """Every rank is its own input replica: the sampler's order over the whole world, as
@@ -164,27 +186,3 @@ class HybridGroups:
     def targets(self, y: Tensor) -> Tensor:
         """The labels of the group's images (N per rank -> K*N), the rows of this rank's logits."""
         return gather_targets(y, self.hybrid_group)
-
-    # ---- DeepSpeed's mpu interface: "model parallel" = the group splitting one classifier.
-
-    def get_model_parallel_rank(self) -> int:
-        return self.slice
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.topology.size
-
-    def get_model_parallel_group(self) -> dist.ProcessGroup | None:
-        return self.hybrid_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.replica
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.topology.data_parallel_size
-
-    def get_data_parallel_group(self) -> dist.ProcessGroup | None:
-        return self.data_group
-
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group

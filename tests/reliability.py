@@ -7,8 +7,10 @@ Every wait here polls a condition against a deadline; nothing sleeps as synchron
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +20,7 @@ from typing import Callable
 
 import psutil
 
+from alexnet_dist.checkpoint import Checkpoints
 from tests.launch import EXACT, REPO, SMALL, check, command, losses, records, train
 
 __all__ = [
@@ -99,6 +102,16 @@ def metric_steps(run_dir: Path) -> list[int]:
             if "split" not in r:
                 steps.append(r["step"])
     return steps
+
+
+def interrupted_at(run: Path, dst: Path, step: int) -> Path:
+    """``dst`` as if the job of ``run`` had stopped right after its checkpoint of ``step``:
+    that checkpoint, and the metrics up to it."""
+    tag = Checkpoints.tag(step)
+    shutil.copytree(run / "checkpoints" / tag, dst / "checkpoints" / tag)
+    kept = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    return dst
 
 
 def error_lines(text: str) -> list[str]:

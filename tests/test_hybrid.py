@@ -8,9 +8,7 @@ are one line."""
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from alexnet_dist import exchanges
-from alexnet_dist.checkpoint import Checkpoints
 from alexnet_dist.exchanges import all_reduce_sum
 from alexnet_dist.groups import HybridGroups
 from alexnet_dist.hybrid import HybridAlexNet
@@ -26,7 +23,7 @@ from alexnet_dist.model import AlexNet
 from alexnet_dist.topology import HybridTopology
 from tests.launch import EXACT, check, losses, train
 from tests.multiproc import run_ranks
-from tests.reliability import dataset_cache, error_lines
+from tests.reliability import dataset_cache, error_lines, interrupted_at
 from tests.test_exchanges import STEPS, assert_rel
 
 SMALL = dict(num_classes=5, width_mult=0.125, dropout=0.0)
@@ -241,15 +238,6 @@ def test_hybrid_on_one_process_is_the_single_process_network(runs):
     _same(losses(runs("python", 1, *HYBRID4)), losses(runs("python", 1)), rel=1e-6)
 
 
-def _interrupted_at(run: Path, dst: Path) -> Path:
-    """``dst`` as if the job of ``run`` had stopped right after its checkpoint of step AT."""
-    tag = Checkpoints.tag(AT)
-    shutil.copytree(run / "checkpoints" / tag, dst / "checkpoints" / tag)
-    kept = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= AT]
-    (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-    return dst
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("written, resumed, says", [
     ((4, HYBRID4), (2, []), "resuming a checkpoint of 4 ranks on 2 ranks: model.parallel towers instead of hybrid"),
@@ -259,7 +247,7 @@ def _interrupted_at(run: Path, dst: Path) -> Path:
 def test_a_checkpoint_resumes_across_the_layouts_with_the_uninterrupted_losses(written, resumed, says, runs,
                                                                                tmp_path, cache):
     (ranks, sets), (new_ranks, new_sets) = written, resumed
-    run = _interrupted_at(runs("deepspeed", ranks, *sets), tmp_path / "run")
+    run = interrupted_at(runs("deepspeed", ranks, *sets), tmp_path / "run", AT)
     launcher = "python" if new_ranks == 1 else "deepspeed"
     result = check(train(launcher, new_ranks, run, *RUN, *new_sets, cache=cache, timeout=400))
     assert f"resumed from step {AT}" in result.stdout and says in result.stdout, result.stdout[-3000:]

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 
-from alexnet_dist.checkpoint import Checkpoints
 from tests.launch import EXACT, check, losses, train
-from tests.reliability import dataset_cache, error_lines
+from tests.reliability import dataset_cache, error_lines, interrupted_at
 
 STEPS, AT = 6, 3
 SETS = [*EXACT, "train.global_batch_size=16", "train.micro_batch_size=4", f"run.checkpoint_every={AT}",
@@ -48,15 +46,6 @@ def runs(tmp_path_factory, cache):
     return run
 
 
-def _interrupted_at(run: Path, dst: Path) -> Path:
-    """``dst`` as if the job of ``run`` had stopped right after its checkpoint of step AT."""
-    tag = Checkpoints.tag(AT)
-    shutil.copytree(run / "checkpoints" / tag, dst / "checkpoints" / tag)
-    kept = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= AT]
-    (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-    return dst
-
-
 def _same(a: list[float], b: list[float]) -> None:
     assert len(a) == len(b) == STEPS, (a, b)
     assert all(math.isclose(x, y, rel_tol=1e-4) for x, y in zip(a, b)), (a, b)
@@ -72,7 +61,7 @@ def _same(a: list[float], b: list[float]) -> None:
 def test_a_checkpoint_resumes_on_another_layout_with_the_uninterrupted_losses(written, resumed, says, runs,
                                                                            tmp_path, cache):
     (ranks, zero), (new_ranks, new_zero) = written, resumed
-    run = _interrupted_at(runs(ranks, zero), tmp_path / "run")
+    run = interrupted_at(runs(ranks, zero), tmp_path / "run", AT)
     result = check(train(LAUNCH[new_ranks], new_ranks, run, *SETS, f"train.zero_stage={new_zero}", cache=cache,
                          timeout=400))
     assert f"resumed from step {AT}" in result.stdout and says in result.stdout, result.stdout[-3000:]
@@ -97,7 +86,7 @@ def test_without_a_fixed_global_batch_a_new_layout_continues_from_the_same_image
 
 
 def test_a_checkpoint_of_another_network_is_refused_on_every_layout_in_one_line(runs, tmp_path, cache):
-    run = _interrupted_at(runs(2, 0), tmp_path / "run")
+    run = interrupted_at(runs(2, 0), tmp_path / "run", AT)
     result = train("deepspeed", 4, run, *SETS, "model.width_mult=0.25", cache=cache, timeout=300)
     errors = error_lines(result.stdout + result.stderr)
     assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
