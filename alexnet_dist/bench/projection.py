@@ -65,7 +65,9 @@ def conv2_side(image_size: int) -> int:
     >>> conv2_side(224), conv2_side(64)
     (13, 3)
     """
-    pool = lambda s: (s - 3) // 2 + 1  # noqa: E731
+    def pool(side: int) -> int:
+        return (side - 3) // 2 + 1
+
     return pool(pool((image_size + 4 - 11) // 4 + 1))
 
 
@@ -97,7 +99,9 @@ def torchvision_parameters(net: Net) -> int:
     >>> torchvision_parameters(Net.of())
     61100840
     """
-    scaled = lambda n: n if net.width_mult == 1 else max(1, round(n * net.width_mult))  # noqa: E731
+    def scaled(n: int) -> int:
+        return n if net.width_mult == 1 else max(1, round(n * net.width_mult))
+
     convs, fc = [scaled(c) for c in TV_CONVS], scaled(TV_FC)
     total, inputs = 0, 3
     for c, k in zip(convs, TV_KERNELS):
@@ -193,7 +197,8 @@ def step_collectives(layout: str, net: Net, world: int, images: int, k: int = GP
 
 
 def exchange_bytes(collectives: list[Collective]) -> dict[str, int]:
-    """Bytes sent per step by name, as EXCHANGE_COUNTER names them (the gradient average is DeepSpeed's, not counted)."""
+    """Bytes sent per step by name, as EXCHANGE_COUNTER names them (the gradient average,
+    DeepSpeed's, is not counted)."""
     out: dict[str, int] = {}
     for c in collectives:
         if not c.gradient:
@@ -282,18 +287,27 @@ def micro_batch(result: dict[str, Any]) -> int:
     return result["global_batch"] // max(1, result["world_size"] // NUM_TOWERS)
 
 
+def layer_seconds(rows: list[dict[str, Any]], batch: int) -> tuple[float, float]:
+    """(convolutions, classifier) seconds per image of both towers from a per-layer table of
+    tower 0 at ``batch`` (forward and backward of every step)."""
+    fused = {(r["layer"], r["step"]) for r in rows if r["kernel"] == "fused"}  # on a GPU: not its eager twin
+    counted = [r for r in rows if r["kernel"] == "fused" or (r["layer"], r["step"]) not in fused]
+
+    def kind(prefix: str) -> float:
+        ms = sum(r["forward_ms"] + r["backward_ms"] for r in counted if r["layer"].startswith(prefix))
+        return NUM_TOWERS * ms / 1e3 / batch
+
+    return kind("conv"), kind("fc")
+
+
 def bench_compute(result: dict[str, Any]) -> Compute:
-    """From a ``bench model`` JSON: the single process's step per image (both towers, every core
-    of the device), split by the per-layer table's conv and fc rows; torchvision's from the
-    DDP baseline (a rank's step per image: comparable when the run had one rank)."""
-    batch = micro_batch(result)
-    per_image = result["variants"]["single_process"]["median_step_s"] / batch
-    ms = {kind: sum(r["forward_ms"] + r["backward_ms"] for r in result["layers"] if r["layer"].startswith(kind))
-          for kind in ("conv", "fc")}
-    fc = per_image * ms["fc"] / (ms["conv"] + ms["fc"])
-    ddp = result["variants"].get("ddp_torchvision")
-    torchvision = ddp["median_step_s"] * ddp["world_size"] / result["global_batch"] if ddp else math.nan
-    return Compute(per_image - fc, fc, torchvision)
+    """From a ``bench model --ranks 1`` JSON: the single process's step per image (both towers),
+    split by the per-layer table's conv and fc rows; torchvision's from its DDP baseline."""
+    per_image = result["variants"]["single_process"]["median_step_s"] / micro_batch(result)
+    conv, fc = layer_seconds(result["layers"], micro_batch(result))
+    fc = per_image * fc / (conv + fc)
+    ddp = result["variants"]["ddp_torchvision"]
+    return Compute(per_image - fc, fc, ddp["median_step_s"] * ddp["world_size"] / result["global_batch"])
 
 
 # ---------------------------------------------------------------- the check on this host's CPU ranks
@@ -342,6 +356,27 @@ def fit_links(seconds: dict[int, float], world: int) -> Links:
     return Links(node=1 / slope, net=1 / slope, latency=intercept)
 
 
+def rank_compute(cfg, world: int) -> tuple[float, float]:
+    """(convolutions, classifier) seconds per image of one of ``world`` CPU ranks: the per-layer
+    table timed now at the torch threads a spawned rank gets, times the host's oversubscription
+    (ranks x threads over cores: 4 one-thread ranks on 2 cores run at half speed)."""
+    import os
+
+    import torch
+
+    from alexnet_dist.bench.layers import layer_table
+
+    cores = os.cpu_count() or 1
+    threads, before = max(1, cores // world), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows = layer_table(cfg, cfg.model.num_classes or 1000, steps=5, warmup=2, bandwidth=math.nan)
+    finally:
+        torch.set_num_threads(before)
+    slowdown = max(1.0, world * threads / cores)
+    return tuple(slowdown * t for t in layer_seconds(rows, cfg.train.micro_batch_size))
+
+
 def _bench_config(result: dict[str, Any]):
     """The configuration a ``bench model`` JSON was run with, from the command it recorded."""
     import shlex
@@ -355,24 +390,27 @@ def _bench_config(result: dict[str, Any]):
 
 def check(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The model against one CPU ``bench model`` run: towers and hybrid, predicted vs measured
-    step. The ranks share the host's cores, so a rank's compute is its images' worth at the
-    single process's per-image time (every core) times the ranks; the bench averages no
-    gradients between replicas or groups (plain SGD), so only the exchanges count."""
+    step. Compute from :func:`rank_compute`; the bench averages no
+    gradients between replicas or groups (plain SGD), so only the exchanges count. Beside the
+    step: the exchanges' predicted seconds against the seconds the rank was blocked in them
+    (which include waiting for a slower partner)."""
     from alexnet_dist.bench.model import hybrid_size
 
     cfg, world = _bench_config(result), result["world_size"]
     net = Net.of(cfg.model.width_mult, cfg.model.num_classes or 1000, cfg.data.image_size)
     links = fit_links(measure_all_reduce(world), world)
-    compute = bench_compute(result)
+    conv, fc = rank_compute(cfg, world)
+    compute = Compute(conv, fc, math.nan)
     images = micro_batch(result) // NUM_TOWERS  # a GPU's worth: half a replica's, a hybrid rank's own
     rows = []
     for layout, variant, k in (("towers", "tower_parallel", NUM_TOWERS), ("hybrid", "hybrid", hybrid_size(cfg, world))):
         collectives = [c for c in step_collectives(layout, net, world, images, k) if not c.gradient]
-        t = step_seconds(collectives, images * compute.per_image(layout) * world, links)
-        measured = result["variants"][variant]["median_step_s"]
+        t = step_seconds(collectives, images * compute.per_image(layout), links)
+        v = result["variants"][variant]
+        blocked = v["exchange_wait_share"] * result["global_batch"] / v["images_per_sec"]  # share x mean step
         rows.append(dict(layout=layout, world=world, k=k, predicted_s=t["no_overlap"], compute_s=t["compute"],
-                         exchanges_s=t["exchanges"], measured_s=measured, ratio=t["no_overlap"] / measured,
-                         counted_bytes=result["variants"][variant]["exchange_bytes_per_step"],
+                         exchanges_s=t["exchanges"], blocked_s=blocked, measured_s=v["median_step_s"],
+                         ratio=t["no_overlap"] / v["median_step_s"], counted_bytes=v["exchange_bytes_per_step"],
                          model_bytes=sum(exchange_bytes(collectives).values()) - (k - 1) * images * LABEL_BYTES
                          * (layout == "hybrid"),  # the bench gathers the labels once, before its timed steps
                          link_gbps=links.node / 1e9, latency_us=links.latency * 1e6))
@@ -402,10 +440,12 @@ def projection_table(rows: list[dict[str, Any]]) -> str:
 
 def check_table(rows: list[dict[str, Any]]) -> str:
     header = ["layout", "ranks", "K", "link GB/s", "latency us", "bytes/step counted", "bytes/step model",
-              "compute s", "exchanges s", "predicted s", "measured s", "predicted / measured"]
+              "compute s", "exchanges s", "blocked in exchanges s", "predicted s", "measured s",
+              "predicted / measured"]
     return _table(header, [[r["layout"], r["world"], r["k"] if r["layout"] == "hybrid" else "", f"{r['link_gbps']:.2f}",
                             f"{r['latency_us']:.0f}", f"{r['counted_bytes']:,.0f}", f"{r['model_bytes']:,}",
-                            f"{r['compute_s']:.3f}", f"{r['exchanges_s']:.3f}", f"{r['predicted_s']:.3f}",
+                            f"{r['compute_s']:.3f}", f"{r['exchanges_s']:.3f}", f"{r['blocked_s']:.3f}",
+                            f"{r['predicted_s']:.3f}",
                             f"{r['measured_s']:.3f}", f"{r['ratio']:.2f}"] for r in rows])
 
 
