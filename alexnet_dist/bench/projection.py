@@ -315,10 +315,14 @@ def bench_compute(result: dict[str, Any]) -> Compute:
 LOOPBACK_SIZES = (2**16, 2**20, 2**22, 2**24)  # bytes: the exchanges' range at reduced width, and above
 
 
-def _time_all_reduces(rank: int, world: int, sizes: tuple[int, ...], repeats: int, out: Path) -> None:
+def _measure(rank: int, world: int, cfg, sizes: tuple[int, ...], repeats: int, out: Path) -> None:
+    """On every rank at once, as in a step: the per-layer table, then gloo all-reduces of each size."""
     import torch
     import torch.distributed as dist
 
+    from alexnet_dist.bench.layers import layer_table
+
+    rows = layer_table(cfg, cfg.model.num_classes or 1000, steps=5, warmup=2, bandwidth=math.nan)
     seconds = {}
     for size in sizes:
         x = torch.zeros(size // 4)
@@ -330,16 +334,19 @@ def _time_all_reduces(rank: int, world: int, sizes: tuple[int, ...], repeats: in
             times.append(time.perf_counter() - t0)
         seconds[size] = statistics.median(times[2:])
     if rank == 0:
-        (out / "seconds.json").write_text(json.dumps(seconds))
+        (out / "measured.json").write_text(json.dumps(dict(seconds=seconds, layers=rows)))
 
 
-def measure_all_reduce(world: int, sizes: tuple[int, ...] = LOOPBACK_SIZES, repeats: int = 7) -> dict[int, float]:
-    """Median seconds of a gloo all-reduce of each size (bytes) on ``world`` fresh local ranks."""
+def measure_ranks(cfg, world: int, sizes: tuple[int, ...] = LOOPBACK_SIZES, repeats: int = 7) -> dict[str, Any]:
+    """Rank 0's per-layer table while all ``world`` fresh local ranks time theirs (they share the
+    host's cores, as the bench's ranks do), and the median seconds of a gloo all-reduce of each
+    size (bytes) over them."""
     from alexnet_dist.distributed import spawn_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
-        spawn_ranks(world, _time_all_reduces, sizes, repeats, Path(tmp))
-        return {int(k): v for k, v in json.loads((Path(tmp) / "seconds.json").read_text()).items()}
+        spawn_ranks(world, _measure, cfg, sizes, repeats, Path(tmp))
+        measured = json.loads((Path(tmp) / "measured.json").read_text())
+    return dict(measured, seconds={int(k): v for k, v in measured["seconds"].items()})
 
 
 def fit_links(seconds: dict[int, float], world: int) -> Links:
@@ -356,27 +363,6 @@ def fit_links(seconds: dict[int, float], world: int) -> Links:
     return Links(node=1 / slope, net=1 / slope, latency=intercept)
 
 
-def rank_compute(cfg, world: int) -> tuple[float, float]:
-    """(convolutions, classifier) seconds per image of one of ``world`` CPU ranks: the per-layer
-    table timed now at the torch threads a spawned rank gets, times the host's oversubscription
-    (ranks x threads over cores: 4 one-thread ranks on 2 cores run at half speed)."""
-    import os
-
-    import torch
-
-    from alexnet_dist.bench.layers import layer_table
-
-    cores = os.cpu_count() or 1
-    threads, before = max(1, cores // world), torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        rows = layer_table(cfg, cfg.model.num_classes or 1000, steps=5, warmup=2, bandwidth=math.nan)
-    finally:
-        torch.set_num_threads(before)
-    slowdown = max(1.0, world * threads / cores)
-    return tuple(slowdown * t for t in layer_seconds(rows, cfg.train.micro_batch_size))
-
-
 def _bench_config(result: dict[str, Any]):
     """The configuration a ``bench model`` JSON was run with, from the command it recorded."""
     import shlex
@@ -390,17 +376,17 @@ def _bench_config(result: dict[str, Any]):
 
 def check(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The model against one CPU ``bench model`` run: towers and hybrid, predicted vs measured
-    step. Compute from :func:`rank_compute`; the bench averages no
-    gradients between replicas or groups (plain SGD), so only the exchanges count. Beside the
+    step, compute and links measured now on as many ranks (:func:`measure_ranks`). The bench
+    averages no gradients between replicas or groups (plain SGD), so only the exchanges count. Beside the
     step: the exchanges' predicted seconds against the seconds the rank was blocked in them
     (which include waiting for a slower partner)."""
     from alexnet_dist.bench.model import hybrid_size
 
     cfg, world = _bench_config(result), result["world_size"]
     net = Net.of(cfg.model.width_mult, cfg.model.num_classes or 1000, cfg.data.image_size)
-    links = fit_links(measure_all_reduce(world), world)
-    conv, fc = rank_compute(cfg, world)
-    compute = Compute(conv, fc, math.nan)
+    measured = measure_ranks(cfg, world)
+    links = fit_links(measured["seconds"], world)
+    compute = Compute(*layer_seconds(measured["layers"], cfg.train.micro_batch_size), math.nan)
     images = micro_batch(result) // NUM_TOWERS  # a GPU's worth: half a replica's, a hybrid rank's own
     rows = []
     for layout, variant, k in (("towers", "tower_parallel", NUM_TOWERS), ("hybrid", "hybrid", hybrid_size(cfg, world))):
@@ -445,8 +431,7 @@ def check_table(rows: list[dict[str, Any]]) -> str:
     return _table(header, [[r["layout"], r["world"], r["k"] if r["layout"] == "hybrid" else "", f"{r['link_gbps']:.2f}",
                             f"{r['latency_us']:.0f}", f"{r['counted_bytes']:,.0f}", f"{r['model_bytes']:,}",
                             f"{r['compute_s']:.3f}", f"{r['exchanges_s']:.3f}", f"{r['blocked_s']:.3f}",
-                            f"{r['predicted_s']:.3f}",
-                            f"{r['measured_s']:.3f}", f"{r['ratio']:.2f}"] for r in rows])
+                            f"{r['predicted_s']:.3f}", f"{r['measured_s']:.3f}", f"{r['ratio']:.2f}"] for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
