@@ -28,8 +28,9 @@ from alexnet_dist.model import POOLED, class_split, tower_widths
 from alexnet_dist.topology import NUM_TOWERS, shares
 
 __all__ = [
-    "Collective", "Compute", "Links", "Net", "collective_seconds", "conv2_side", "exchange_bytes", "fit_links",
-    "paper_parameters", "project", "step_collectives", "step_seconds", "torchvision_parameters",
+    "Collective", "Compute", "Links", "Net", "bench_compute", "check", "collective_seconds", "conv2_side",
+    "exchange_bytes", "fit_links", "h100_compute", "layer_seconds", "measure_ranks", "paper_parameters", "project",
+    "step_collectives", "step_seconds", "torchvision_parameters",
 ]
 
 LAYOUTS = ("towers", "hybrid", "ddp")
