@@ -9,7 +9,8 @@ with the data-parallel gradient average hidden behind the backward (a bound). Th
 assumptions and its figures are in docs/BENCHMARKS.md.
 
 ``python -m alexnet_dist.bench.projection`` prints the projection; ``--check`` runs the model
-against ``bench model`` JSONs of 2 and 4 CPU ranks, with gloo's loopback measured in the run.
+against ``bench model`` JSONs of 2 and 4 CPU ranks, the per-layer compute and gloo's loopback
+measured in the same run on as many ranks.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def _pair(name: str, per_rank: int, members: int, grad: bool = True) -> list[Col
     return [forward, replace(forward, name=name + ".grad", kind="reduce_scatter")] if grad else [forward]
 
 
-def _towers(net: Net, world: int, images: int, elem: int, grad_elem: int) -> list[Collective]:
+def _towers(net: Net, world: int, images: int, elem: int) -> list[Collective]:
     """One tower per rank, ``images`` per replica; the pair in one node, each tower's
     replicas averaging its parameters (half the network's)."""
     c2, c5, f = net.convs[1], net.convs[-1], net.fc
@@ -146,13 +147,13 @@ def _towers(net: Net, world: int, images: int, elem: int, grad_elem: int) -> lis
     out += _pair("logits", images * max(class_split(net.classes)) * elem, NUM_TOWERS, grad=False)
     replicas = world // NUM_TOWERS
     if replicas > 1:
-        size = sum(paper_parameters(net)) // NUM_TOWERS * grad_elem
+        size = sum(paper_parameters(net)) // NUM_TOWERS * elem
         out.append(Collective("gradients", "all_reduce", size, replicas, min(replicas, GPUS_PER_NODE // NUM_TOWERS),
                               gradient=True))
     return out
 
 
-def _hybrid(net: Net, world: int, k: int, images: int, elem: int, grad_elem: int) -> list[Collective]:
+def _hybrid(net: Net, world: int, k: int, images: int, elem: int) -> list[Collective]:
     """Groups of ``k`` ranks in one node, ``images`` per rank: the conv5 features and the
     classifier's activations gathered in the group, the convolutions' gradient summed in it
     (one all-reduce per tensor, as :func:`~alexnet_dist.exchanges.sum_gradient_over` does),
@@ -163,38 +164,37 @@ def _hybrid(net: Net, world: int, k: int, images: int, elem: int, grad_elem: int
         out += _pair(name, k * images * (hidden // k) * elem, k)  # K*n rows x this share's neurons
     out += _pair("logits", k * images * max(shares(net.classes, k)) * elem, k, grad=False)
     out += _pair("targets", images * LABEL_BYTES, k, grad=False)
-    out += [Collective("conv.grad", "all_reduce", n * grad_elem, k, k) for n in _conv_tensors(net)]
+    out += [Collective("conv.grad", "all_reduce", n * elem, k, k) for n in _conv_tensors(net)]
     groups = world // k
     if groups > 1:
         convs, fc = paper_parameters(net)
         per_node = min(groups, max(1, GPUS_PER_NODE // k))
-        out += [Collective(name, "all_reduce", n * grad_elem, groups, per_node, gradient=True)
+        out += [Collective(name, "all_reduce", n * elem, groups, per_node, gradient=True)
                 for name, n in (("gradients.conv", convs), ("gradients.fc", fc // k))]
     return out
 
 
-def _ddp(net: Net, world: int, grad_elem: int) -> list[Collective]:
+def _ddp(net: Net, world: int, elem: int) -> list[Collective]:
     """torchvision's AlexNet: every parameter's gradient averaged over all ranks."""
-    size = torchvision_parameters(net) * grad_elem
+    size = torchvision_parameters(net) * elem
     return [Collective("gradients", "all_reduce", size, world, min(world, GPUS_PER_NODE), gradient=True)]
 
 
-def step_collectives(layout: str, net: Net, world: int, images: int, k: int = GPUS_PER_NODE, elem: int = 4,
-                     grad_elem: int | None = None) -> list[Collective]:
+def step_collectives(layout: str, net: Net, world: int, images: int, k: int = GPUS_PER_NODE,
+                     elem: int = 4) -> list[Collective]:
     """A rank's collectives in one step. ``images``: per GPU (towers: the replica's batch is
-    two GPUs' worth); ``elem``, ``grad_elem``: bytes per activation and per gradient value.
+    two GPUs' worth); ``elem``: bytes per value, activations and gradients alike.
 
     >>> sum(c.sent() for c in step_collectives("towers", Net.of(), 2, 16))  # BENCHMARKS: 244,688 B per image
     7830016
     >>> [c.name for c in step_collectives("hybrid", Net.of(), 16, 1)][-2:]
     ['gradients.conv', 'gradients.fc']
     """
-    grad_elem = grad_elem or elem
     if layout == "towers":
-        return _towers(net, world, NUM_TOWERS * images, elem, grad_elem)
+        return _towers(net, world, NUM_TOWERS * images, elem)
     if layout == "hybrid":
-        return _hybrid(net, world, k, images, elem, grad_elem)
-    return _ddp(net, world, grad_elem)
+        return _hybrid(net, world, k, images, elem)
+    return _ddp(net, world, elem)
 
 
 def exchange_bytes(collectives: list[Collective]) -> dict[str, int]:
