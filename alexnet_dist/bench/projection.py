@@ -437,12 +437,13 @@ def check_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m alexnet_dist.bench.projection", description=__doc__.split("\n")[0])
-    p.add_argument("--compute-json", metavar="F", help="per-image compute from this `bench model --ranks 1` JSON "
-                   "(default: the H100's measured bf16 images/s at each batch, docs/BENCHMARKS.md)")
+    p.add_argument("--compute-json", metavar="F", help="per-image compute from this full-size, bf16 `bench model "
+                   "--ranks 1 --baseline` JSON (default: the H100's measured images/s at each batch, "
+                   "docs/BENCHMARKS.md)")
     p.add_argument("--batch", type=int, nargs="+", default=[128, 256], help="images per GPU (default: 128 256)")
     p.add_argument("--hybrid-size", type=int, default=GPUS_PER_NODE, help="K, the hybrid group (default: one node, 8)")
     p.add_argument("--check", metavar="JSON", nargs="+", help="instead: the model against these CPU `bench model` "
-                   "runs (2 and 4 ranks), gloo's loopback measured now")
+                   "runs (2 and 4 ranks), per-layer compute and gloo's loopback measured now")
     p.add_argument("--json", metavar="OUT", help="also write the rows as JSON to OUT")
     args = p.parse_args(argv)
     if args.check:
@@ -456,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
                 else h100_compute(batch)
             out[batch] = dict(compute=asdict(compute), links=asdict(Links()),
                               rows=project(compute, Net.of(), batch, k=args.hybrid_size))
-            print(f"\n{batch} images per GPU, bf16 (2 B per value), compute per image {compute}:\n")
+            print(f"\n{batch} images per GPU, bf16 (2 B per value), compute per image: convolutions "
+                  f"{1e6 * compute.conv:.1f} us, classifier {1e6 * compute.fc:.1f} us, "
+                  f"torchvision's {1e6 * compute.torchvision:.1f} us\n")
             print(projection_table(out[batch]["rows"]))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
