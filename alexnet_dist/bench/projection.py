@@ -131,7 +131,7 @@ class Collective:
 
 
 def _pair(name: str, per_rank: int, members: int, grad: bool = True) -> list[Collective]:
-    """An all-gather of ``per_rank`` bytes from each member, and its reduce-scatter backward."""
+    """An all-gather of ``per_rank`` bytes from each member, and (``grad``) its reduce-scatter backward."""
     size = per_rank * members
     forward = Collective(name, "all_gather", size, members, members)
     return [forward, replace(forward, name=name + ".grad", kind="reduce_scatter")] if grad else [forward]
@@ -157,7 +157,8 @@ def _hybrid(net: Net, world: int, k: int, images: int, elem: int) -> list[Collec
     """Groups of ``k`` ranks in one node, ``images`` per rank: the conv5 features and the
     classifier's activations gathered in the group, the convolutions' gradient summed in it
     (one all-reduce per tensor, as :func:`~alexnet_dist.exchanges.sum_gradient_over` does),
-    then the groups average the convolutions and each share with its own kind."""
+    then the groups average the convolutions, and each classifier share with the same share
+    of the other groups."""
     hidden, c5 = NUM_TOWERS * net.fc, net.convs[-1]
     out = _pair("fc6", images * NUM_TOWERS * c5 * POOLED**2 * elem, k)
     for name in ("fc7", "fc8"):
@@ -446,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
                    "runs (2 and 4 ranks), per-layer compute and gloo's loopback measured now")
     p.add_argument("--json", metavar="OUT", help="also write the rows as JSON to OUT")
     args = p.parse_args(argv)
+    if GPUS_PER_NODE % args.hybrid_size or args.hybrid_size % 2:
+        p.error(f"--hybrid-size must be even and divide the node's {GPUS_PER_NODE} GPUs "
+                "(the model keeps a group in one node)")
     if args.check:
         rows = [r for f in args.check for r in check(json.loads(Path(f).read_text()))]
         print(check_table(rows))
