@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alexnet_dist.exchanges import gather_logits, gather_rows, start_gather_from_towers, sum_gradient_over
-from alexnet_dist.model import AlexNet, Tower, TowerDropout, class_split, layer_runs
+from alexnet_dist.model import AlexNet, Tower, TowerDropout, apply_run, class_split, layer_runs
 from alexnet_dist.topology import NUM_TOWERS, shares
 
 __all__ = ["ConvTower", "HybridAlexNet"]
@@ -124,9 +124,9 @@ class HybridAlexNet(nn.Module):
         runs = [layer_runs(t.features, f"tower{t.index}", lambda conv: _GroupSummedConv(conv, self.group))
                 for t in self.towers.values()]
         # conv3 reads both towers' conv2 maps: 2 x (N x C2 x 13 x 13) -> N x 2*C2 x 13 x 13
-        both = torch.cat([_apply(front, x) for (front, _), _ in runs], 1)
+        both = torch.cat([apply_run(front, x) for (front, _), _ in runs], 1)
         # fc6 reads both towers' conv5 maps: 2 x (N x C5 x 6 x 6) -> N x 2*C5*36
-        return torch.cat([_apply(back, both).flatten(1) for _, (back, _) in runs], 1)
+        return torch.cat([apply_run(back, both).flatten(1) for _, (back, _) in runs], 1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self._convolutions(x)
@@ -177,9 +177,3 @@ class HybridAlexNet(nn.Module):
             for t, (tower_name, rows) in enumerate(zip(tower_names, whole.split([split, len(whole) - split]))):
                 towers[t][tower_name] = rows.clone()
         return towers
-
-
-def _apply(layers, x: Tensor) -> Tensor:
-    for layer in layers:
-        x = layer(x)
-    return x

@@ -43,8 +43,8 @@ from torch.autograd.profiler import record_function
 from alexnet_dist.exchanges import PendingExchange, gather_logits, start_gather_from_towers
 from alexnet_dist.topology import NUM_TOWERS
 
-__all__ = ["AlexNet", "CrossTower", "Layer", "layer_runs", "LocalResponseNorm", "ReLULRNPool", "Tower", "TowerDropout", "class_split",
-           "memory_format_for", "tower_widths"]
+__all__ = ["AlexNet", "CrossTower", "Layer", "apply_run", "class_split", "layer_runs", "LocalResponseNorm",
+           "memory_format_for", "ReLULRNPool", "Tower", "TowerDropout", "tower_widths"]
 
 # Per-tower widths at width_mult=1 (the paper's figure 2).
 CONV_WIDTHS = (48, 128, 192, 192, 128)
@@ -217,7 +217,8 @@ def class_split(num_classes: int) -> tuple[int, ...]:
     return (first, num_classes - first)
 
 
-def _apply(layers: list[Layer], x: Tensor) -> Tensor:
+def apply_run(layers: list[Layer], x: Tensor) -> Tensor:
+    """One run of :func:`layer_runs` on ``x``, layer by layer."""
     for layer in layers:
         x = layer(x)
     return x
@@ -384,7 +385,7 @@ class AlexNet(nn.Module):
             exchange = position[0][1]
             for i, state in enumerate(chunks):
                 hs = [state.wait()] * len(towers) if isinstance(state, PendingExchange) else state
-                hs = [_apply(layers, h) for (layers, _), h in zip(position, hs)]
+                hs = [apply_run(layers, h) for (layers, _), h in zip(position, hs)]
                 # conv3: towers x (N x C2 x 13 x 13) -> N x 2*C2 x 13 x 13
                 # fc6:   towers x (N x C5*36)        -> N x 2*C5*36
                 # fc7, fc8: towers x (N x F)         -> N x 2*F

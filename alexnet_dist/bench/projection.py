@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -323,6 +322,7 @@ def _measure(rank: int, world: int, cfg, sizes: tuple[int, ...], repeats: int, o
     import torch.distributed as dist
 
     from alexnet_dist.bench.layers import layer_table
+    from alexnet_dist.bench.timing import write_rank_result
 
     rows = layer_table(cfg, cfg.model.num_classes or 1000, steps=5, warmup=2, bandwidth=math.nan)
     seconds = {}
@@ -335,20 +335,17 @@ def _measure(rank: int, world: int, cfg, sizes: tuple[int, ...], repeats: int, o
             dist.all_reduce(x)
             times.append(time.perf_counter() - t0)
         seconds[size] = statistics.median(times[2:])
-    if rank == 0:
-        (out / "measured.json").write_text(json.dumps(dict(seconds=seconds, layers=rows)))
+    write_rank_result(rank, out, dict(seconds=seconds, layers=rows))
 
 
 def measure_ranks(cfg, world: int, sizes: tuple[int, ...] = LOOPBACK_SIZES, repeats: int = 7) -> dict[str, Any]:
     """Rank 0's per-layer table while all ``world`` fresh local ranks time theirs (they share the
     host's cores, as the bench's ranks do), and the median seconds of a gloo all-reduce of each
     size (bytes) over them."""
-    from alexnet_dist.distributed import spawn_ranks
+    from alexnet_dist.bench.timing import on_ranks
 
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn_ranks(world, _measure, cfg, sizes, repeats, Path(tmp))
-        measured = json.loads((Path(tmp) / "measured.json").read_text())
-    return dict(measured, seconds={int(k): v for k, v in measured["seconds"].items()})
+    measured, _ = on_ranks(world, _measure, cfg, sizes, repeats)
+    return dict(layers=measured["layers"], seconds={int(k): v for k, v in measured["seconds"].items()})
 
 
 def fit_links(seconds: dict[int, float], world: int) -> Links:
