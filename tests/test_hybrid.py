@@ -74,6 +74,15 @@ def test_the_shares_and_the_convolutions_are_the_papers_parameters():
     assert convs + shares == 60_965_224
 
 
+@pytest.mark.parametrize("parts, message", [
+    (6, "model.hybrid_size=6 does not divide the classifier's 512 neurons"),  # 2 x 256 at width 0.125
+    (8, "model.hybrid_size=8 is more than the 5 classes"),
+])
+def test_a_group_the_classifier_cannot_be_split_over_is_refused(parts, message):
+    with pytest.raises(ValueError, match=message):
+        HybridAlexNet(**SMALL, parts=parts)
+
+
 def test_dropout_masks_repeat_from_the_seed_and_differ_between_shares():
     masks = []
     for part in (0, 0, 1):
